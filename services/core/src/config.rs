@@ -1,0 +1,94 @@
+//! Configuration shared by the services: Kafka, Redis and telemetry.
+//!
+//! Every flag has an environment variable with the conventional name and a default that works
+//! for a local run. Tests build these structs directly instead of touching the environment.
+
+use std::time::Duration;
+
+use clap::Args;
+
+/// How to reach Kafka.
+#[derive(Clone, Debug, Args)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated.
+    #[arg(long = "kafka-bootstrap-servers", env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    pub bootstrap_servers: String,
+    /// Partitions of each topic when the service creates it.
+    #[arg(long = "kafka-partitions", env = "KAFKA_PARTITIONS", default_value_t = 8)]
+    pub partitions: i32,
+    /// Longest a produce may take before the client is told `unavailable` (ms).
+    #[arg(long = "kafka-produce-timeout-ms", env = "KAFKA_PRODUCE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub produce_timeout_ms: u64,
+    /// How long the producer waits to batch records (ms).
+    #[arg(long = "kafka-linger-ms", env = "KAFKA_LINGER_MS", default_value_t = 2)]
+    pub linger_ms: u64,
+    /// Longest a consumer fetch waits for data (ms). Keep it low: tansu waits the full time on every fetch.
+    #[arg(long = "kafka-fetch-wait-max-ms", env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 5)]
+    pub fetch_wait_max_ms: u64,
+}
+
+impl KafkaConfig {
+    /// Defaults for a broker at `bootstrap`.
+    #[must_use]
+    pub fn local(bootstrap: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap.into(),
+            partitions: 8,
+            produce_timeout_ms: 10_000,
+            linger_ms: 2,
+            fetch_wait_max_ms: 5,
+        }
+    }
+
+    #[must_use]
+    pub fn produce_timeout(&self) -> Duration {
+        Duration::from_millis(self.produce_timeout_ms)
+    }
+}
+
+/// How to reach Redis.
+#[derive(Clone, Debug, Args)]
+pub struct RedisConfig {
+    /// Redis URL.
+    #[arg(long = "redis-url", env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub url: String,
+    /// Connections in the command pool.
+    #[arg(long = "redis-pool-size", env = "REDIS_POOL_SIZE", default_value_t = 4)]
+    pub pool_size: usize,
+    /// Longest a Redis command may take (ms) before it counts as failed.
+    #[arg(long = "redis-command-timeout-ms", env = "REDIS_COMMAND_TIMEOUT_MS", default_value_t = 2_000)]
+    pub command_timeout_ms: u64,
+}
+
+impl RedisConfig {
+    #[must_use]
+    pub fn local(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 4,
+            command_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// Logs, traces and the metrics endpoint.
+#[derive(Clone, Debug, Args, Default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP endpoint for traces (e.g. http://127.0.0.1:4318); traces are not exported when unset.
+    #[arg(long = "otel-exporter-otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Log filter (tracing-subscriber EnvFilter syntax).
+    #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+    /// Write logs as JSON lines (default) or human-readable text.
+    #[arg(long = "log-format", env = "LOG_FORMAT", default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}

@@ -1,0 +1,28 @@
+//! Shared foundation of Colloquy's three services.
+//!
+//! Everything that two services must agree on lives here, so the contract exists once:
+//! the WebSocket frames ([`wire`]), the Kafka records and Redis deliveries ([`records`]),
+//! the naming of topics, keys and channels ([`names`]), configuration ([`config`]),
+//! broker and Redis set-up ([`kafka`], [`redis`]), the metrics contract ([`metrics`]),
+//! telemetry ([`telemetry`], [`trace_context`]) and shutdown plumbing ([`shutdown`]).
+
+pub mod backoff;
+pub mod config;
+pub mod kafka;
+pub mod metrics;
+pub mod names;
+pub mod records;
+pub mod redis;
+pub mod shutdown;
+pub mod telemetry;
+pub mod trace_context;
+pub mod userid;
+pub mod wire;
+
+pub use userid::UserId;
+
+/// Milliseconds since the Unix epoch, the time unit carried in records and headers.
+#[must_use]
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

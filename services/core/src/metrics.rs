@@ -1,0 +1,362 @@
+//! The metrics contract: every metric Colloquy emits, in one list.
+//!
+//! Dashboards and alert rules may use only names from [`CONTRACT`] (a test checks them), and
+//! `docs/metrics.md` is rendered from it (a test fails when that file is stale). Code emits a
+//! metric next to the event it counts, through the name constants below.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// How a metric aggregates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Counter => "counter",
+            Self::Gauge => "gauge",
+            Self::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric of the contract.
+#[derive(Clone, Copy, Debug)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub unit: &'static str,
+    pub labels: &'static [&'static str],
+    /// Which services emit it.
+    pub services: &'static [&'static str],
+    pub help: &'static str,
+}
+
+pub const BUILD_INFO: &str = "colloquy_build_info";
+pub const E2E_LATENCY: &str = "colloquy_e2e_latency_seconds";
+pub const FIRST_DELTA_LATENCY: &str = "colloquy_time_to_first_delta_seconds";
+pub const STAGE_LATENCY: &str = "colloquy_stage_latency_seconds";
+pub const MESSAGES: &str = "colloquy_messages_total";
+pub const CONNECTIONS: &str = "colloquy_connections";
+pub const CONNECTIONS_REFUSED: &str = "colloquy_connections_refused_total";
+pub const LLM_REQUESTS: &str = "colloquy_llm_requests_total";
+pub const LLM_RETRIES: &str = "colloquy_llm_retries_total";
+pub const LLM_ERRORS: &str = "colloquy_llm_errors_total";
+pub const LLM_TOKENS: &str = "colloquy_llm_tokens_total";
+pub const LLM_IN_FLIGHT: &str = "colloquy_llm_in_flight";
+pub const CONSUMER_LAG: &str = "colloquy_consumer_lag";
+pub const DLQ_WRITES: &str = "colloquy_dlq_writes_total";
+pub const REDIS_ERRORS: &str = "colloquy_redis_errors_total";
+pub const KAFKA_ERRORS: &str = "colloquy_kafka_errors_total";
+pub const REPLAYED: &str = "colloquy_replayed_deliveries_total";
+pub const DUPLICATES: &str = "colloquy_duplicates_skipped_total";
+
+const GATEWAY: &[&str] = &["gateway"];
+const CONSUMER: &[&str] = &["ai-consumer"];
+const ALL: &[&str] = &["gateway", "ai-consumer", "relay"];
+const KAFKA_CONSUMERS: &[&str] = &["ai-consumer", "relay"];
+
+/// Every metric Colloquy emits.
+pub const CONTRACT: &[MetricDef] = &[
+    MetricDef {
+        name: BUILD_INFO,
+        kind: Kind::Gauge,
+        unit: "",
+        labels: &["service", "version"],
+        services: ALL,
+        help: "Always 1; labels name the running service and version",
+    },
+    MetricDef {
+        name: E2E_LATENCY,
+        kind: Kind::Histogram,
+        unit: "seconds",
+        labels: &["outcome"],
+        services: GATEWAY,
+        help: "Gateway receive of a message to its response (or llm_failed) frame written to a socket",
+    },
+    MetricDef {
+        name: FIRST_DELTA_LATENCY,
+        kind: Kind::Histogram,
+        unit: "seconds",
+        labels: &[],
+        services: GATEWAY,
+        help: "Gateway receive of a message to its first delta frame written",
+    },
+    MetricDef {
+        name: STAGE_LATENCY,
+        kind: Kind::Histogram,
+        unit: "seconds",
+        labels: &["stage"],
+        services: ALL,
+        help: "Latency of one hop: produce, queue_wait, llm, relay, fanout",
+    },
+    MetricDef {
+        name: MESSAGES,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["service", "outcome"],
+        services: ALL,
+        help: "Messages handled, by service and outcome",
+    },
+    MetricDef {
+        name: CONNECTIONS,
+        kind: Kind::Gauge,
+        unit: "",
+        labels: &[],
+        services: GATEWAY,
+        help: "WebSocket connections open on this gateway",
+    },
+    MetricDef {
+        name: CONNECTIONS_REFUSED,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["reason"],
+        services: GATEWAY,
+        help: "WebSocket upgrades or sessions refused or closed by policy, by reason",
+    },
+    MetricDef {
+        name: LLM_REQUESTS,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["status"],
+        services: CONSUMER,
+        help: "LLM HTTP attempts by status class (2xx, 4xx, 429, 5xx, timeout, transport)",
+    },
+    MetricDef {
+        name: LLM_RETRIES,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["reason"],
+        services: CONSUMER,
+        help: "LLM attempts retried after backoff, by reason",
+    },
+    MetricDef {
+        name: LLM_ERRORS,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["class"],
+        services: CONSUMER,
+        help: "LLM calls that failed for good, by class",
+    },
+    MetricDef {
+        name: LLM_TOKENS,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["kind"],
+        services: CONSUMER,
+        help: "Tokens reported by the LLM, prompt or completion",
+    },
+    MetricDef {
+        name: LLM_IN_FLIGHT,
+        kind: Kind::Gauge,
+        unit: "",
+        labels: &[],
+        services: CONSUMER,
+        help: "Messages being answered now (bounded by the in-flight limit)",
+    },
+    MetricDef {
+        name: CONSUMER_LAG,
+        kind: Kind::Gauge,
+        unit: "",
+        labels: &["service", "topic", "partition"],
+        services: KAFKA_CONSUMERS,
+        help: "Consumer lag per partition in messages, from librdkafka statistics",
+    },
+    MetricDef {
+        name: DLQ_WRITES,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["service", "topic"],
+        services: KAFKA_CONSUMERS,
+        help: "Records written to a dead-letter topic",
+    },
+    MetricDef {
+        name: REDIS_ERRORS,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["service", "op"],
+        services: ALL,
+        help: "Redis commands that failed, by operation",
+    },
+    MetricDef {
+        name: KAFKA_ERRORS,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["service", "op"],
+        services: ALL,
+        help: "Kafka produce or consume errors, by operation",
+    },
+    MetricDef {
+        name: REPLAYED,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["reason"],
+        services: GATEWAY,
+        help: "Deliveries sent from the inbox stream during a replay, by what triggered it",
+    },
+    MetricDef {
+        name: DUPLICATES,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["service"],
+        services: ALL,
+        help: "Duplicates detected and skipped (redelivered messages, repeated deliveries)",
+    },
+];
+
+/// Histogram buckets in seconds: fine enough for a p99 anywhere between 1 ms and 60 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+    0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0,
+];
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+///
+/// Several services may share a process (the testkit runs all three in one), so the recorder
+/// is global and idempotent; each service adds its own `service` label.
+///
+/// # Panics
+/// Never in practice: the bucket list is non-empty and no other recorder is installed first.
+#[must_use]
+pub fn recorder() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| b.install_recorder())
+                .unwrap_or_else(|e| {
+                    eprintln!("metrics recorder not installed ({e}); metrics will be empty");
+                    PrometheusBuilder::new().build_recorder().handle()
+                });
+            describe();
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .ok();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    for def in CONTRACT {
+        let unit = match def.unit {
+            "seconds" => Some(metrics::Unit::Seconds),
+            _ => None,
+        };
+        match (def.kind, unit) {
+            (Kind::Counter, _) => metrics::describe_counter!(def.name, def.help),
+            (Kind::Gauge, _) => metrics::describe_gauge!(def.name, def.help),
+            (Kind::Histogram, Some(u)) => metrics::describe_histogram!(def.name, u, def.help),
+            (Kind::Histogram, None) => metrics::describe_histogram!(def.name, def.help),
+        }
+    }
+}
+
+/// Sets `colloquy_build_info{service,version} 1`.
+pub fn record_build_info(service: &'static str) {
+    metrics::gauge!(BUILD_INFO, "service" => service, "version" => env!("CARGO_PKG_VERSION"))
+        .set(1.0);
+}
+
+/// Renders the contract as the markdown table in `docs/metrics.md`.
+#[must_use]
+pub fn contract_markdown() -> String {
+    let mut out = String::from(
+        "# Metrics contract\n\nGenerated from `services/core/src/metrics.rs` by its unit test; \
+         do not edit by hand. Dashboards and alert rules may use only these names.\n\n\
+         | name | type | unit | labels | services | help |\n|---|---|---|---|---|---|\n",
+    );
+    for d in CONTRACT {
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} | {} |\n",
+            d.name,
+            d.kind.as_str(),
+            if d.unit.is_empty() { "-" } else { d.unit },
+            if d.labels.is_empty() {
+                "-".to_owned()
+            } else {
+                d.labels.join(", ")
+            },
+            d.services.join(", "),
+            d.help
+        ));
+    }
+    out
+}
+
+/// Whether a series name seen in Prometheus text (`x_bucket`, `x_sum`, `x_count`) belongs to the contract.
+#[must_use]
+pub fn is_contract_series(series: &str) -> bool {
+    CONTRACT.iter().any(|d| {
+        series == d.name
+            || (d.kind == Kind::Histogram
+                && ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|s| series.strip_suffix(s) == Some(d.name)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docs_metrics_md_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/metrics.md");
+        let rendered = contract_markdown();
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        if on_disk != rendered {
+            if std::env::var_os("UPDATE_DOCS").is_some() {
+                std::fs::write(path, &rendered).expect("write docs/metrics.md");
+            } else {
+                panic!("docs/metrics.md is stale: run `UPDATE_DOCS=1 cargo test -p colloquy-core` and commit it");
+            }
+        }
+    }
+
+    #[test]
+    fn names_are_prefixed_and_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for d in CONTRACT {
+            assert!(d.name.starts_with("colloquy_"), "{}", d.name);
+            assert!(seen.insert(d.name), "duplicate {}", d.name);
+            if d.kind == Kind::Counter {
+                assert!(d.name.ends_with("_total"), "{}", d.name);
+            }
+            if d.kind == Kind::Histogram {
+                assert!(d.name.ends_with("_seconds"), "{}", d.name);
+            }
+        }
+    }
+
+    #[test]
+    fn buckets_resolve_1ms_to_60s() {
+        assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        assert!(LATENCY_BUCKETS.contains(&0.001) && LATENCY_BUCKETS.contains(&60.0));
+        // No neighbouring buckets further apart than 2x, so a p99 is never off by more than that.
+        assert!(LATENCY_BUCKETS.windows(2).all(|w| w[1] / w[0] <= 2.0 + f64::EPSILON));
+    }
+
+    #[test]
+    fn series_suffixes_map_back_to_the_contract() {
+        assert!(is_contract_series("colloquy_e2e_latency_seconds_bucket"));
+        assert!(is_contract_series("colloquy_messages_total"));
+        assert!(!is_contract_series("colloquy_messages_total_bucket"));
+        assert!(!is_contract_series("colloquy_made_up"));
+    }
+}

@@ -1,0 +1,74 @@
+//! Redis set-up with fred: a command pool and a subscriber, both reconnecting forever with
+//! bounded command timeouts, so a vanished Redis yields errors (handled by the caller), not hangs.
+
+use std::time::Duration;
+
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use fred::types::config::{ConnectionConfig, PerformanceConfig};
+
+use crate::config::RedisConfig;
+
+/// Errors setting up Redis clients.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    #[error("invalid REDIS_URL {url}: {source}")]
+    Url { url: String, source: fred::error::Error },
+    #[error("cannot build Redis client for {url}: {source}")]
+    Build { url: String, source: fred::error::Error },
+}
+
+fn builder(cfg: &RedisConfig) -> Result<Builder, RedisSetupError> {
+    let config = Config::from_url(&cfg.url).map_err(|source| RedisSetupError::Url {
+        url: cfg.url.clone(),
+        source,
+    })?;
+    let timeout = Duration::from_millis(cfg.command_timeout_ms);
+    let mut b = Builder::from_config(config);
+    b.with_connection_config(|c: &mut ConnectionConfig| {
+        c.connection_timeout = Duration::from_secs(2);
+        c.internal_command_timeout = timeout;
+        c.max_command_attempts = 2;
+    })
+    .with_performance_config(|p: &mut PerformanceConfig| {
+        p.default_command_timeout = timeout;
+    })
+    .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
+    Ok(b)
+}
+
+/// A connected pool for commands. Connecting is lazy-tolerant: the pool keeps reconnecting in
+/// the background if Redis is down at start, and commands fail with timeouts meanwhile.
+///
+/// # Errors
+/// When the URL is invalid or the client cannot be built.
+pub async fn pool(cfg: &RedisConfig) -> Result<Pool, RedisSetupError> {
+    let pool = builder(cfg)?
+        .build_pool(cfg.pool_size.max(1))
+        .map_err(|source| RedisSetupError::Build {
+            url: cfg.url.clone(),
+            source,
+        })?;
+    let _ = pool.init().await.map_err(|e| {
+        tracing::warn!(url = %cfg.url, error = %e, "Redis not reachable yet; will keep reconnecting");
+    });
+    Ok(pool)
+}
+
+/// A subscriber client that re-subscribes to its channels after every reconnect.
+///
+/// # Errors
+/// When the URL is invalid or the client cannot be built.
+pub async fn subscriber(cfg: &RedisConfig) -> Result<SubscriberClient, RedisSetupError> {
+    let sub = builder(cfg)?
+        .build_subscriber_client()
+        .map_err(|source| RedisSetupError::Build {
+            url: cfg.url.clone(),
+            source,
+        })?;
+    let _ = sub.init().await.map_err(|e| {
+        tracing::warn!(url = %cfg.url, error = %e, "Redis subscriber not connected yet; will keep reconnecting");
+    });
+    let _ = sub.manage_subscriptions();
+    Ok(sub)
+}

@@ -1,0 +1,208 @@
+//! Telemetry set-up shared by the three services: JSON logs that carry `trace_id` and
+//! `span_id`, OpenTelemetry spans (exported over OTLP/HTTP when an endpoint is configured),
+//! and the Prometheus recorder.
+//!
+//! Spans are always created with real trace ids, exporter or not, because the trace id is the
+//! correlation id in logs and in the `ack` frame.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::{LogFormat, TelemetryConfig};
+
+/// Keeps the tracer provider alive; flushes spans when dropped.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Errors setting up telemetry.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("invalid OTLP endpoint {endpoint}: {reason}")]
+    Exporter { endpoint: String, reason: String },
+    #[error("invalid log filter {filter:?}: {reason}")]
+    Filter { filter: String, reason: String },
+}
+
+/// Installs logging and tracing for `service` (once per process; later calls only return a guard)
+/// and the Prometheus recorder.
+///
+/// # Errors
+/// When the log filter or the OTLP endpoint is invalid.
+pub fn init(service: &'static str, cfg: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    let _ = crate::metrics::recorder();
+    crate::metrics::record_build_info(service);
+    if INSTALLED.get().is_some() {
+        return Ok(Telemetry { provider: None });
+    }
+    let filter = EnvFilter::try_new(&cfg.log_filter).map_err(|e| TelemetryError::Filter {
+        filter: cfg.log_filter.clone(),
+        reason: e.to_string(),
+    })?;
+    let provider = tracer_provider(service, cfg.otlp_endpoint.as_deref())?;
+    let tracer = provider.tracer(service);
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_error_records_to_exceptions(true);
+    let fmt_layer = match cfg.log_format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .fmt_fields(JsonFields::new())
+            .event_format(JsonLines { service })
+            .with_writer(std::io::stdout)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(fmt_layer)
+        .try_init()
+        .is_ok();
+    let _ = INSTALLED.set(());
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    Ok(Telemetry {
+        provider: installed.then_some(provider),
+    })
+}
+
+fn tracer_provider(
+    service: &'static str,
+    endpoint: Option<&str>,
+) -> Result<SdkTracerProvider, TelemetryError> {
+    let resource = Resource::builder().with_service_name(service).build();
+    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    if let Some(endpoint) = endpoint {
+        use opentelemetry_otlp::WithExportConfig;
+        let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(url)
+            .build()
+            .map_err(|e| TelemetryError::Exporter {
+                endpoint: endpoint.to_owned(),
+                reason: e.to_string(),
+            })?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    Ok(builder.build())
+}
+
+/// One JSON object per line: time, level, service, target, message, the event's fields, the
+/// fields of enclosing spans (`userid`, `msg_id`, ...) and the current `trace_id` / `span_id`.
+struct JsonLines {
+    service: &'static str,
+}
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut map = Map::new();
+        map.insert(
+            "timestamp".into(),
+            Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        );
+        map.insert("level".into(), Value::String(event.metadata().level().to_string()));
+        map.insert("service".into(), Value::String(self.service.into()));
+        map.insert("target".into(), Value::String(event.metadata().target().into()));
+        event.record(&mut JsonVisitor(&mut map));
+
+        let mut current = None;
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let ext = span.extensions();
+                if let Some(fields) = ext.get::<FormattedFields<N>>()
+                    && let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(fields.as_str())
+                {
+                    for (k, v) in obj {
+                        map.entry(k).or_insert(v);
+                    }
+                }
+                current = Some(span.id());
+            }
+        }
+        if let Some(id) = current {
+            let cx = tracing::dispatcher::get_default(|d| {
+                tracing_opentelemetry::get_otel_context(&id, d)
+            });
+            if let Some(cx) = cx {
+                let sc = cx.span().span_context().clone();
+                if sc.is_valid() {
+                    map.insert("trace_id".into(), Value::String(sc.trace_id().to_string()));
+                    map.insert("span_id".into(), Value::String(sc.span_id().to_string()));
+                }
+            }
+        }
+        let line = serde_json::to_string(&map).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{line}")
+    }
+}
+
+struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+
+impl Visit for JsonVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), Value::String(value.into()));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        // The whole cause chain, so an error is logged once, where handled, with its causes.
+        let mut chain = value.to_string();
+        let mut source = value.source();
+        while let Some(s) = source {
+            chain.push_str(": ");
+            chain.push_str(&s.to_string());
+            source = s.source();
+        }
+        self.0.insert(field.name().into(), Value::String(chain));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().into(), Value::String(format!("{value:?}")));
+    }
+}
