@@ -1,0 +1,224 @@
+#!/usr/bin/env bash
+# Runs the whole Colloquy stack on this machine, every process on 127.0.0.1:
+#
+#   tansu (Kafka protocol, sqlite storage) :9092   redis :6379   fake LLM :8090 (when no OPENAI_API_KEY)
+#   gateway gw1 :8001, gw2 :8002   ai-consumer metrics :9101   relay metrics :9102
+#   nginx :8080 (least_conn over the gateways)   Prometheus :9090
+#
+# Usage: scripts/stack.sh up|down|status|restart
+#   up      install what is missing, build the release binaries, start everything, wait until ready
+#   down    stop exactly the processes `up` started (SIGTERM, up to 10 s, then SIGKILL)
+#   status  show which of them are running
+# State lives in run/ (gitignored): run/pids/*.pid, run/logs/*.log, tansu's sqlite file, redis and
+# Prometheus data. Set COLLOQUY_SKIP_BUILD=1 to use the binaries already in target/release.
+set -euo pipefail
+
+export PATH="$HOME/.cargo/bin:$PATH"
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN="$REPO/run"
+PIDS="$RUN/pids"
+LOGS="$RUN/logs"
+BIN="$REPO/target/release"
+
+# Start order (down stops in reverse).
+SERVICES=(tansu redis fake-llm gateway-1 gateway-2 ai-consumer relay nginx prometheus)
+
+log() { printf '[stack] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+pid_of() { local f="$PIDS/$1.pid"; [ -f "$f" ] && cat "$f" || true; }
+alive() { local p; p="$(pid_of "$1")"; [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_for NAME TIMEOUT_S CHECK...: poll CHECK until it succeeds; fail if NAME's process died.
+wait_for() {
+  local name="$1" timeout="$2"; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    if ! alive "$name"; then
+      log "$name exited during start-up; last lines of $LOGS/$name.log:"
+      tail -n 30 "$LOGS/$name.log" >&2 || true
+      return 1
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      log "$name not ready after ${timeout}s; last lines of $LOGS/$name.log:"
+      tail -n 30 "$LOGS/$name.log" >&2 || true
+      return 1
+    fi
+    sleep 0.3
+  done
+  log "$name is ready"
+}
+
+# start NAME WORKDIR [VAR=value ...] -- COMMAND ARGS...
+start() {
+  local name="$1" dir="$2"; shift 2
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  shift
+  mkdir -p "$dir"
+  log "starting $name: ${envs[*]:+${envs[*]} }$*"
+  (
+    cd "$dir"
+    exec env "${envs[@]}" "$@" </dev/null >>"$LOGS/$name.log" 2>&1
+  ) &
+  echo $! >"$PIDS/$name.pid"
+}
+
+need_port_free() {
+  if port_open "$1"; then
+    die "port 127.0.0.1:$1 (for $2) is already in use by another process; stop it first"
+  fi
+}
+
+stop_one() {
+  local name="$1" pid i
+  pid="$(pid_of "$name")"
+  [ -n "$pid" ] || return 0
+  if kill -0 "$pid" 2>/dev/null; then
+    log "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 100); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "$name (pid $pid) still running after 10s: SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  rm -f "$PIDS/$name.pid"
+}
+
+cmd_down() {
+  local i
+  for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do stop_one "${SERVICES[$i]}"; done
+  rm -f "$RUN/stack.env"
+  log "stack is down"
+}
+
+cmd_status() {
+  local s any=0
+  for s in "${SERVICES[@]}"; do
+    if alive "$s"; then printf '  %-12s running (pid %s)\n' "$s" "$(pid_of "$s")"; any=1
+    elif [ -f "$PIDS/$s.pid" ]; then printf '  %-12s DEAD (pid %s; see %s)\n' "$s" "$(pid_of "$s")" "$LOGS/$s.log"; any=1
+    fi
+  done
+  [ "$any" = 1 ] || echo "  stack is not running"
+}
+
+any_alive() { local s; for s in "${SERVICES[@]}"; do alive "$s" && return 0; done; return 1; }
+
+cmd_up() {
+  if any_alive; then
+    log "the stack is already running (scripts/stack.sh down to stop it):"
+    cmd_status
+    return 0
+  fi
+  rm -f "$PIDS"/*.pid 2>/dev/null || true
+
+  "$REPO/scripts/install-deps.sh"
+
+  if [ "${COLLOQUY_SKIP_BUILD:-0}" != 1 ]; then
+    log "cargo build --release --bins"
+    (cd "$REPO" && cargo build --release --bins)
+  fi
+  local b
+  for b in colloquy-gateway colloquy-ai-consumer colloquy-relay; do
+    [ -x "$BIN/$b" ] || die "$BIN/$b is missing (did the build fail?)"
+  done
+
+  mkdir -p "$PIDS" "$LOGS" "$RUN/tansu" "$RUN/redis" "$RUN/prometheus" "$RUN/nginx" "$RUN/services"
+
+  local use_fake=0
+  if [ -z "${OPENAI_API_KEY:-}" ]; then use_fake=1; fi
+
+  need_port_free 9092 tansu; need_port_free 6379 redis
+  [ "$use_fake" = 0 ] || need_port_free 8090 fake-llm
+  need_port_free 8001 gateway-1; need_port_free 8002 gateway-2
+  need_port_free 9101 ai-consumer; need_port_free 9102 relay
+  need_port_free 8080 nginx; need_port_free 9090 prometheus
+
+  # If anything below fails (or we are interrupted), stop what was already started.
+  trap 'log "start-up failed: stopping what was started"; cmd_down' EXIT
+
+  # Kafka protocol: tansu, durable sqlite storage. sqlite://NAME is relative to the working dir.
+  start tansu "$RUN/tansu" RUST_LOG="${TANSU_LOG:-warn}" -- \
+    tansu broker \
+      --listener-url tcp://127.0.0.1:9092 \
+      --advertised-listener-url tcp://127.0.0.1:9092 \
+      --storage-engine sqlite://tansu.db
+  wait_for tansu 60 port_open 9092
+
+  start redis "$RUN/redis" -- \
+    redis-server --port 6379 --bind 127.0.0.1 --daemonize no --supervised no \
+      --dir "$RUN/redis" --appendonly yes --save '' --logfile ''
+  wait_for redis 30 redis-cli -h 127.0.0.1 -p 6379 ping
+
+  local svc_env=(
+    KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092
+    REDIS_URL=redis://127.0.0.1:6379
+  )
+  if [ "$use_fake" = 1 ]; then
+    [ -x "$BIN/fake-llm" ] || die "$BIN/fake-llm is missing and OPENAI_API_KEY is unset"
+    start fake-llm "$RUN/services" FAKE_LLM_LISTEN=127.0.0.1:8090 -- "$BIN/fake-llm"
+    wait_for fake-llm 30 port_open 8090
+    svc_env+=(OPENAI_BASE_URL=http://127.0.0.1:8090/v1)
+    log "no OPENAI_API_KEY: using the fake LLM at http://127.0.0.1:8090/v1"
+  else
+    log "OPENAI_API_KEY is set: using ${OPENAI_BASE_URL:-the default OpenAI endpoint}"
+  fi
+
+  start gateway-1 "$RUN/services" "${svc_env[@]}" GATEWAY_LISTEN=127.0.0.1:8001 GATEWAY_INSTANCE_ID=gw1 -- "$BIN/colloquy-gateway"
+  start gateway-2 "$RUN/services" "${svc_env[@]}" GATEWAY_LISTEN=127.0.0.1:8002 GATEWAY_INSTANCE_ID=gw2 -- "$BIN/colloquy-gateway"
+  start ai-consumer "$RUN/services" "${svc_env[@]}" METRICS_LISTEN=127.0.0.1:9101 -- "$BIN/colloquy-ai-consumer"
+  start relay "$RUN/services" "${svc_env[@]}" METRICS_LISTEN=127.0.0.1:9102 -- "$BIN/colloquy-relay"
+  wait_for gateway-1 60 curl -fsS http://127.0.0.1:8001/ready
+  wait_for gateway-2 60 curl -fsS http://127.0.0.1:8002/ready
+  wait_for ai-consumer 60 curl -fsS http://127.0.0.1:9101/metrics
+  wait_for relay 60 curl -fsS http://127.0.0.1:9102/metrics
+
+  # nginx's prefix is run/: its relative paths are run/logs, run/pids (it writes the same pid we
+  # record) and run/nginx for temp files.
+  start nginx "$RUN" -- \
+    nginx -p "$RUN" -c "$REPO/infra/nginx.conf" -e "$LOGS/nginx-error.log" -g 'daemon off;'
+  wait_for nginx 20 port_open 8080
+
+  start prometheus "$RUN/prometheus" -- \
+    prometheus --config.file="$REPO/infra/prometheus.yml" \
+      --storage.tsdb.path="$RUN/prometheus/data" \
+      --web.listen-address=127.0.0.1:9090 --web.enable-lifecycle
+  wait_for prometheus 60 curl -fsS http://127.0.0.1:9090/-/ready
+
+  trap - EXIT
+  {
+    printf 'KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092\nREDIS_URL=redis://127.0.0.1:6379\n'
+    [ "$use_fake" = 0 ] || printf 'OPENAI_BASE_URL=http://127.0.0.1:8090/v1\n'
+    printf 'COLLOQUY_URL=http://127.0.0.1:8080\n'
+  } >"$RUN/stack.env"
+
+  cat <<MSG
+
+Colloquy is up.
+  chat page        http://127.0.0.1:8080/            (WebSocket: ws://127.0.0.1:8080/ws)
+  gateways         http://127.0.0.1:8001/  http://127.0.0.1:8002/   (/health /ready /metrics)
+  metrics          http://127.0.0.1:8001/metrics  http://127.0.0.1:8002/metrics
+                   http://127.0.0.1:9101/metrics (ai-consumer)  http://127.0.0.1:9102/metrics (relay)
+  Prometheus       http://127.0.0.1:9090/
+  Kafka (tansu)    127.0.0.1:9092      Redis  redis://127.0.0.1:6379
+  LLM              $([ "$use_fake" = 1 ] && echo "fake LLM at http://127.0.0.1:8090/v1" || echo "OpenAI-compatible API (OPENAI_API_KEY set)")
+  logs             $LOGS/*.log
+  pids             $PIDS/*.pid
+  stop with        scripts/stack.sh down
+MSG
+}
+
+case "${1:-}" in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  restart) cmd_down; cmd_up ;;
+  *) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

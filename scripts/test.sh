@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The one command that runs every Colloquy test:
+#   1. scripts/install-deps.sh      (Debian packages, tansu)
+#   2. infra/images/build.sh        (local FROM-scratch images for tansu and redis, when Docker works)
+#   3. cargo test --workspace       (the testkit uses containers or local processes: COLLOQUY_TESTKIT)
+#   4. promtool check/test rules    (alerts/*.yml, alerts/tests/*.yml, when present)
+# Usage: scripts/test.sh [--processes] [extra cargo test args...]
+#   --processes   force COLLOQUY_TESTKIT=processes even when a Docker engine is reachable
+# Exits non-zero on any failure.
+set -euo pipefail
+
+export PATH="$HOME/.cargo/bin:$PATH"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+log() { printf '\n[test] %s\n' "$*" >&2; }
+
+FORCE_PROCESSES=0
+CARGO_ARGS=()
+for a in "$@"; do
+  case "$a" in
+    --processes) FORCE_PROCESSES=1 ;;
+    -h|--help) sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) CARGO_ARGS+=("$a") ;;
+  esac
+done
+
+log "installing dependencies"
+scripts/install-deps.sh
+
+if [ "$FORCE_PROCESSES" = 1 ]; then
+  export COLLOQUY_TESTKIT=processes
+elif [ -n "${COLLOQUY_TESTKIT:-}" ]; then
+  : # respect an explicit choice
+elif docker info >/dev/null 2>&1; then
+  export COLLOQUY_TESTKIT=containers
+else
+  export COLLOQUY_TESTKIT=processes
+fi
+
+if [ "$COLLOQUY_TESTKIT" = containers ]; then
+  log "building local images (infra/images/build.sh)"
+  infra/images/build.sh
+  export COLLOQUY_TANSU_IMAGE="${COLLOQUY_TANSU_IMAGE:-colloquy/tansu:local}"
+  export COLLOQUY_REDIS_IMAGE="${COLLOQUY_REDIS_IMAGE:-colloquy/redis:local}"
+fi
+log "COLLOQUY_TESTKIT=$COLLOQUY_TESTKIT"
+
+log "cargo test --workspace ${CARGO_ARGS[*]:-}"
+cargo test --workspace "${CARGO_ARGS[@]}"
+
+shopt -s nullglob
+rules=(alerts/*.yml alerts/*.yaml)
+rule_tests=(alerts/tests/*.yml alerts/tests/*.yaml)
+if [ "${#rules[@]}" -gt 0 ]; then
+  log "promtool check rules ${rules[*]}"
+  promtool check rules "${rules[@]}"
+else
+  log "no alerts/*.yml: skipping promtool check rules"
+fi
+if [ "${#rule_tests[@]}" -gt 0 ]; then
+  log "promtool test rules ${rule_tests[*]}"
+  promtool test rules "${rule_tests[@]}"
+else
+  log "no alerts/tests/*.yml: skipping promtool test rules"
+fi
+promtool check config infra/prometheus.yml
+
+log "all tests passed"
