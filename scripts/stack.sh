@@ -28,7 +28,14 @@ log() { printf '[stack] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 pid_of() { local f="$PIDS/$1.pid"; [ -f "$f" ] && cat "$f" || true; }
-alive() { local p; p="$(pid_of "$1")"; [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+# A pid is running if it exists and is not a zombie waiting for its (adoptive) parent to reap it.
+pid_running() {
+  kill -0 "$1" 2>/dev/null || return 1
+  local st
+  st="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)"
+  [ "$st" != Z ]
+}
+alive() { local p; p="$(pid_of "$1")"; [ -n "$p" ] && pid_running "$p"; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -59,6 +66,7 @@ start() {
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done
   shift
   mkdir -p "$dir"
+  printf '=== %s scripts/stack.sh starting %s\n' "$(date -Is)" "$name" >>"$LOGS/$name.log"
   log "starting $name: ${envs[*]:+${envs[*]} }$*"
   (
     cd "$dir"
@@ -77,14 +85,14 @@ stop_one() {
   local name="$1" pid i
   pid="$(pid_of "$name")"
   [ -n "$pid" ] || return 0
-  if kill -0 "$pid" 2>/dev/null; then
+  if pid_running "$pid"; then
     log "stopping $name (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 1 100); do
-      kill -0 "$pid" 2>/dev/null || break
+      pid_running "$pid" || break
       sleep 0.1
     done
-    if kill -0 "$pid" 2>/dev/null; then
+    if pid_running "$pid"; then
       log "$name (pid $pid) still running after 10s: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
     fi
