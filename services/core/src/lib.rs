@@ -6,6 +6,7 @@
 //! broker and Redis set-up ([`kafka`], [`redis`]), the metrics contract ([`metrics`]),
 //! telemetry ([`telemetry`], [`trace_context`]) and shutdown plumbing ([`shutdown`]).
 
+pub mod admin;
 pub mod backoff;
 pub mod config;
 pub mod kafka;

@@ -64,6 +64,9 @@ impl ResponseBody {
     }
 }
 
+/// The field of an `inbox:{U}` stream entry that holds the delivery JSON.
+pub const INBOX_FIELD: &str = "d";
+
 /// A delivery, as stored in `inbox:{U}` and published on `user:{U}`.
 ///
 /// The stream entry holds it without `event_id`; the relay's script prefixes the entry id when

@@ -1,0 +1,137 @@
+//! Colloquy's gateway: the WebSocket and HTTP edge.
+//!
+//! It authenticates clients, applies per-user limits, produces their messages to Kafka (acking
+//! only from the delivery report) and writes the answers the relay publishes to every socket
+//! of the user, replaying from the durable inbox after any gap.
+
+pub mod auth;
+pub mod config;
+pub mod fanout;
+pub mod publish;
+pub mod rate_limit;
+pub mod routes;
+pub mod session;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::producer::Producer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use colloquy_core::config::{KafkaConfig, RedisConfig};
+use colloquy_core::names::Names;
+
+use crate::auth::TokenService;
+use crate::config::GatewayConfig;
+use crate::fanout::Fanout;
+use crate::rate_limit::{Gcra, RateLimiter};
+use crate::state::AppState;
+
+/// Everything a gateway needs to start.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub gateway: GatewayConfig,
+    pub kafka: KafkaConfig,
+    pub redis: RedisConfig,
+    pub names: Names,
+}
+
+/// A built gateway, bound to its port, not yet serving.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    state: Arc<AppState>,
+}
+
+impl Application {
+    /// Connects to Kafka and Redis, creates topics if needed and binds the listener.
+    ///
+    /// # Errors
+    /// When the configuration is invalid, the port cannot be bound or topics cannot be created.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let Settings { gateway, kafka, redis, names } = settings;
+        if let Err(e) = colloquy_core::kafka::ensure_topics(&kafka, &names.all_topics()).await {
+            // The broker may come up later; produce will report unavailability per message.
+            tracing::warn!(error = %e, "could not ensure topics at start");
+        }
+        let producer = colloquy_core::kafka::producer(&kafka, "gateway").context("Kafka producer")?;
+        let pool = colloquy_core::redis::pool(&redis).await.context("Redis pool")?;
+        let subscriber = colloquy_core::redis::subscriber(&redis).await.context("Redis subscriber")?;
+        let shutdown = CancellationToken::new();
+        let fanout = Fanout::start(subscriber, names.clone(), gateway.max_connections_per_user, shutdown.clone());
+        let limiter = RateLimiter::new(
+            Gcra::per_period(gateway.rate_limit_messages, Duration::from_secs(gateway.rate_limit_period_secs)),
+            pool.clone(),
+            names.clone(),
+        );
+        let tokens = TokenService::new(&gateway.auth_secret, gateway.token_ttl_secs);
+        let listener = TcpListener::bind(gateway.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", gateway.listen))?;
+        let state = Arc::new(AppState::new(
+            gateway,
+            names,
+            producer,
+            pool,
+            tokens,
+            limiter,
+            fanout,
+            colloquy_core::metrics::recorder(),
+            shutdown,
+        ));
+        Ok(Self { listener, state })
+    }
+
+    /// The bound port (useful with port 0).
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map_or(0, |a| a.port())
+    }
+
+    /// The shared state, for tests that inspect the fan-out.
+    #[must_use]
+    pub fn state(&self) -> Arc<AppState> {
+        Arc::clone(&self.state)
+    }
+
+    /// Serves until `shutdown` fires, then drains: sockets are closed with 1012 so clients
+    /// reconnect elsewhere, in-flight produces finish and the producer is flushed, all within
+    /// the grace period.
+    ///
+    /// # Errors
+    /// When the server fails.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self { listener, state } = self;
+        let grace = state.config.shutdown_grace();
+        let app = routes::router(Arc::clone(&state));
+        let stopping = state.shutdown.clone();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            trigger.cancelled().await;
+            stopping.cancel();
+        });
+        tracing::info!(addr = %listener.local_addr()?, instance = %state.config.instance_id, "gateway listening");
+        let serve = axum::serve(listener, app).with_graceful_shutdown({
+            let s = state.shutdown.clone();
+            async move { s.cancelled().await }
+        });
+        let server = tokio::spawn(async move { serve.await });
+        state.shutdown.cancelled().await;
+        let drained = tokio::time::timeout(grace, async {
+            state.tasks.close();
+            state.tasks.wait().await;
+            let _ = server.await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(?grace, "shutdown grace elapsed with work still in flight");
+        }
+        let producer = state.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+        tracing::info!("gateway stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,403 @@
+//! The LLM client: one OpenAI-compatible chat completion, streamed, retried with backoff.
+//!
+//! Request and chunk types are async-openai's. The HTTP exchange is done here with reqwest
+//! rather than async-openai's client, because retry policy is ours to own: we need the status
+//! class of every attempt, the `Retry-After` header, and no hidden retries underneath.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use async_openai::types::chat::{
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
+    ChatCompletionRequestUserMessage, ChatCompletionStreamOptions, CreateChatCompletionRequest,
+    CreateChatCompletionResponse, CreateChatCompletionStreamResponse,
+};
+use futures::StreamExt;
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use colloquy_core::backoff::Backoff;
+use colloquy_core::metrics as m;
+
+/// One turn of the conversation, as kept in memory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Turn {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+/// A complete answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub content: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub attempts: u32,
+}
+
+/// A call that failed for good.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LlmError {
+    /// Not worth retrying (400/401/403/404, `insufficient_quota`, unreadable answer).
+    #[error("LLM refused the request ({class}): {message}")]
+    Fatal { class: &'static str, message: String },
+    /// Every attempt failed with a retryable error.
+    #[error("LLM failed after {attempts} attempts; last error: {last}")]
+    Exhausted { attempts: u32, last: String },
+}
+
+impl LlmError {
+    /// The `class` label of `colloquy_llm_errors_total`.
+    #[must_use]
+    pub fn class(&self) -> &'static str {
+        match self {
+            Self::Fatal { class, .. } => class,
+            Self::Exhausted { .. } => "exhausted",
+        }
+    }
+}
+
+/// What one attempt came to.
+#[derive(Debug)]
+enum Attempt {
+    Done(Answer),
+    Retry { reason: &'static str, retry_after: Option<Duration>, detail: String },
+    Fatal { class: &'static str, message: String },
+}
+
+/// Receives streamed text; `restart` is called when a retry begins after partial output.
+pub trait DeltaSink: Send {
+    fn text(&mut self, piece: &str);
+    fn restart(&mut self);
+}
+
+/// Ignores deltas (used when streaming is off).
+#[derive(Debug, Default)]
+pub struct NoDeltas;
+
+impl DeltaSink for NoDeltas {
+    fn text(&mut self, _piece: &str) {}
+    fn restart(&mut self) {}
+}
+
+/// Client for one OpenAI-compatible endpoint.
+#[derive(Clone, Debug)]
+pub struct LlmClient {
+    http: reqwest::Client,
+    url: String,
+    api_key: Option<SecretString>,
+    model: String,
+    stream: bool,
+    timeout: Duration,
+    backoff: Backoff,
+}
+
+impl LlmClient {
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn new(
+        base_url: &str,
+        api_key: Option<SecretString>,
+        model: String,
+        stream: bool,
+        timeout: Duration,
+        backoff: Backoff,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Self {
+            http,
+            url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            api_key,
+            model,
+            stream,
+            timeout,
+            backoff,
+        })
+    }
+
+    /// Builds the request body for `turns`.
+    #[must_use]
+    pub fn request(&self, turns: &[Turn]) -> CreateChatCompletionRequest {
+        let messages = turns
+            .iter()
+            .map(|t| match t.role {
+                Role::System => ChatCompletionRequestMessage::from(ChatCompletionRequestSystemMessage::from(t.content.as_str())),
+                Role::User => ChatCompletionRequestMessage::from(ChatCompletionRequestUserMessage::from(t.content.clone())),
+                Role::Assistant => ChatCompletionRequestMessage::from(ChatCompletionRequestAssistantMessage::from(t.content.as_str())),
+            })
+            .collect();
+        CreateChatCompletionRequest {
+            model: self.model.clone(),
+            messages,
+            stream: Some(self.stream),
+            stream_options: self.stream.then(|| ChatCompletionStreamOptions {
+                include_usage: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Answers `turns`, retrying 429, 5xx, timeouts and transport errors with backoff.
+    ///
+    /// `before_attempt` runs before every attempt (the caller renews its claim there).
+    ///
+    /// # Errors
+    /// [`LlmError`] when the call fails for good.
+    pub async fn complete<F, Fut>(
+        &self,
+        turns: &[Turn],
+        deltas: &mut dyn DeltaSink,
+        mut before_attempt: F,
+    ) -> Result<Answer, LlmError>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let body = self.request(turns);
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            before_attempt(attempts).await;
+            let started = Instant::now();
+            let outcome = match tokio::time::timeout(self.timeout, self.attempt(&body, deltas)).await {
+                Ok(o) => o,
+                Err(_) => {
+                    metrics::counter!(m::LLM_REQUESTS, "status" => "timeout").increment(1);
+                    Attempt::Retry { reason: "timeout", retry_after: None, detail: format!("no answer within {:?}", self.timeout) }
+                }
+            };
+            match outcome {
+                Attempt::Done(mut answer) => {
+                    metrics::histogram!(m::STAGE_LATENCY, "stage" => "llm").record(started.elapsed().as_secs_f64());
+                    answer.attempts = attempts;
+                    return Ok(answer);
+                }
+                Attempt::Fatal { class, message } => {
+                    tracing::warn!(attempt = attempts, class, %message, "LLM call failed for good");
+                    return Err(LlmError::Fatal { class, message });
+                }
+                Attempt::Retry { reason, retry_after, detail } => {
+                    let Some(delay) = self.backoff.delay(attempts, retry_after, &mut rand::rng()) else {
+                        return Err(LlmError::Exhausted { attempts, last: detail });
+                    };
+                    metrics::counter!(m::LLM_RETRIES, "reason" => reason).increment(1);
+                    tracing::info!(attempt = attempts, reason, %detail, delay_ms = delay.as_millis() as u64, "LLM call will be retried");
+                    deltas.restart();
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, body: &CreateChatCompletionRequest, deltas: &mut dyn DeltaSink) -> Attempt {
+        let mut req = self.http.post(&self.url).json(body);
+        if let Some(key) = &self.api_key {
+            req = req.bearer_auth(key.expose_secret());
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                metrics::counter!(m::LLM_REQUESTS, "status" => "transport").increment(1);
+                return Attempt::Retry { reason: "transport", retry_after: None, detail: e.to_string() };
+            }
+        };
+        let status = resp.status();
+        metrics::counter!(m::LLM_REQUESTS, "status" => status_class(status)).increment(1);
+        if !status.is_success() {
+            let retry_after = retry_after(resp.headers(), SystemTime::now());
+            let text = resp.text().await.unwrap_or_default();
+            return classify_failure(status, retry_after, &text);
+        }
+        if self.stream {
+            read_stream(resp, deltas).await
+        } else {
+            match resp.json::<CreateChatCompletionResponse>().await {
+                Ok(r) => {
+                    let content = r.choices.first().and_then(|c| c.message.content.clone()).unwrap_or_default();
+                    let (p, c) = r.usage.map_or((0, 0), |u| (u.prompt_tokens, u.completion_tokens));
+                    deltas.text(&content);
+                    record_tokens(p, c);
+                    Attempt::Done(Answer { content, prompt_tokens: p, completion_tokens: c, attempts: 0 })
+                }
+                Err(e) => Attempt::Retry { reason: "bad_body", retry_after: None, detail: e.to_string() },
+            }
+        }
+    }
+}
+
+fn record_tokens(prompt: u32, completion: u32) {
+    metrics::counter!(m::LLM_TOKENS, "kind" => "prompt").increment(u64::from(prompt));
+    metrics::counter!(m::LLM_TOKENS, "kind" => "completion").increment(u64::from(completion));
+}
+
+/// The minimal chunk shape, for OpenAI-compatible servers whose chunks omit fields async-openai requires.
+#[derive(Deserialize)]
+struct LooseChunk {
+    #[serde(default)]
+    choices: Vec<LooseChoice>,
+    usage: Option<LooseUsage>,
+}
+#[derive(Deserialize)]
+struct LooseChoice {
+    delta: Option<LooseDelta>,
+}
+#[derive(Deserialize)]
+struct LooseDelta {
+    content: Option<String>,
+}
+#[derive(Deserialize)]
+struct LooseUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+fn parse_chunk(data: &str) -> Option<(Option<String>, Option<(u32, u32)>)> {
+    if let Ok(c) = serde_json::from_str::<CreateChatCompletionStreamResponse>(data) {
+        let text = c.choices.into_iter().filter_map(|ch| ch.delta.content).reduce(|a, b| a + &b);
+        return Some((text, c.usage.map(|u| (u.prompt_tokens, u.completion_tokens))));
+    }
+    let c = serde_json::from_str::<LooseChunk>(data).ok()?;
+    let text = c.choices.into_iter().filter_map(|ch| ch.delta.and_then(|d| d.content)).reduce(|a, b| a + &b);
+    Some((text, c.usage.map(|u| (u.prompt_tokens, u.completion_tokens))))
+}
+
+async fn read_stream(resp: reqwest::Response, deltas: &mut dyn DeltaSink) -> Attempt {
+    let mut body = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut content = String::new();
+    let mut usage = None;
+    loop {
+        // Handle every complete line in the buffer.
+        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let Ok(line) = std::str::from_utf8(&line) else {
+                return Attempt::Retry { reason: "bad_body", retry_after: None, detail: "stream is not UTF-8".into() };
+            };
+            let Some(data) = line.trim_end().strip_prefix("data:") else { continue };
+            let data = data.trim_start();
+            if data == "[DONE]" {
+                let (p, c) = usage.unwrap_or((0, 0));
+                record_tokens(p, c);
+                return Attempt::Done(Answer { content, prompt_tokens: p, completion_tokens: c, attempts: 0 });
+            }
+            match parse_chunk(data) {
+                Some((text, u)) => {
+                    if let Some(text) = text.filter(|t| !t.is_empty()) {
+                        deltas.text(&text);
+                        content.push_str(&text);
+                    }
+                    if u.is_some() {
+                        usage = u;
+                    }
+                }
+                None => {
+                    if let Ok(err) = serde_json::from_str::<serde_json::Value>(data)
+                        && err.get("error").is_some()
+                    {
+                        return Attempt::Retry { reason: "stream_error", retry_after: None, detail: data.chars().take(200).collect() };
+                    }
+                }
+            }
+        }
+        match body.next().await {
+            Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
+            Some(Err(e)) => return Attempt::Retry { reason: "stream", retry_after: None, detail: e.to_string() },
+            None => {
+                return Attempt::Retry { reason: "stream", retry_after: None, detail: "stream ended before [DONE]".into() };
+            }
+        }
+    }
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=299 => "2xx",
+        429 => "429",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
+
+fn classify_failure(status: StatusCode, retry_after: Option<Duration>, body: &str) -> Attempt {
+    let detail = format!("HTTP {}: {}", status.as_u16(), body.chars().take(300).collect::<String>());
+    match status.as_u16() {
+        429 if body.contains("insufficient_quota") => Attempt::Fatal { class: "insufficient_quota", message: detail },
+        429 => Attempt::Retry { reason: "429", retry_after, detail },
+        408 | 409 => Attempt::Retry { reason: "4xx_retryable", retry_after, detail },
+        400 => Attempt::Fatal { class: "bad_request", message: detail },
+        401 | 403 => Attempt::Fatal { class: "auth", message: detail },
+        400..=499 => Attempt::Fatal { class: "client_error", message: detail },
+        _ => Attempt::Retry { reason: "5xx", retry_after, detail },
+    }
+}
+
+/// The server's `Retry-After`, as delta-seconds or an HTTP date.
+#[must_use]
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    if let Ok(secs) = value.parse::<f64>()
+        && secs.is_finite()
+        && secs >= 0.0
+    {
+        return Some(Duration::from_secs_f64(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&h, SystemTime::now()), Some(Duration::from_secs(3)));
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(7)));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h, now), None);
+    }
+
+    #[test]
+    fn failures_are_classified() {
+        assert!(matches!(classify_failure(StatusCode::TOO_MANY_REQUESTS, None, "{}"), Attempt::Retry { reason: "429", .. }));
+        assert!(matches!(
+            classify_failure(StatusCode::TOO_MANY_REQUESTS, None, r#"{"error":{"code":"insufficient_quota"}}"#),
+            Attempt::Fatal { class: "insufficient_quota", .. }
+        ));
+        assert!(matches!(classify_failure(StatusCode::BAD_REQUEST, None, ""), Attempt::Fatal { class: "bad_request", .. }));
+        assert!(matches!(classify_failure(StatusCode::UNAUTHORIZED, None, ""), Attempt::Fatal { class: "auth", .. }));
+        assert!(matches!(classify_failure(StatusCode::SERVICE_UNAVAILABLE, None, ""), Attempt::Retry { reason: "5xx", .. }));
+    }
+
+    #[test]
+    fn chunks_parse_strictly_or_loosely() {
+        let loose = r#"{"choices":[{"delta":{"content":"hi"}}]}"#;
+        assert_eq!(parse_chunk(loose), Some((Some("hi".into()), None)));
+        let usage = r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        assert_eq!(parse_chunk(usage), Some((None, Some((3, 4)))));
+    }
+}

@@ -1,0 +1,161 @@
+//! HTTP routes: token issue, WebSocket upgrade, health, readiness, metrics and the chat page.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use fred::prelude::*;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::json;
+
+use colloquy_core::wire::EventId;
+use colloquy_core::{UserId, kafka, metrics as m};
+
+use crate::session::{self, close, close_message};
+use crate::state::AppState;
+
+const CHAT_PAGE: &str = include_str!("../static/index.html");
+
+/// The gateway's routes over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(chat_page))
+        .route("/token", post(issue_token))
+        .route("/ws", get(websocket))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+}
+
+async fn chat_page() -> Html<&'static str> {
+    Html(CHAT_PAGE)
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenParams {
+    userid: Option<String>,
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+async fn issue_token(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(params): Query<TokenParams>,
+) -> Response {
+    if let Some(admin) = &state.config.admin_token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented != Some(admin.expose_secret()) {
+            return json_error(StatusCode::UNAUTHORIZED, "issuing tokens needs the admin bearer token");
+        }
+    }
+    let Some(Ok(user)) = params.userid.as_deref().map(UserId::parse) else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "userid must be 3 to 64 characters of A-Z, a-z, 0-9, '_' or '-'",
+        );
+    };
+    match state.tokens.issue(&user) {
+        Ok(token) => Json(json!({
+            "token": token,
+            "userid": user,
+            "expires_in": state.tokens.ttl_secs(),
+        }))
+        .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "token signing failed");
+            json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot sign token")
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WsParams {
+    userid: Option<String>,
+    token: Option<String>,
+    after: Option<String>,
+}
+
+async fn websocket(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<WsParams>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let limit = state.config.max_frame_bytes;
+    let ws = ws
+        .max_frame_size(limit)
+        .max_message_size(limit)
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0);
+    // Refusals are sent as close frames after the upgrade, because a browser cannot read an HTTP status.
+    let verdict = params
+        .userid
+        .as_deref()
+        .map(UserId::parse)
+        .ok_or("missing userid")
+        .and_then(|r| r.map_err(|_| "invalid userid"))
+        .and_then(|user| {
+            state
+                .tokens
+                .verify(params.token.as_deref(), &user)
+                .map(|()| user)
+                .map_err(|e| match e {
+                    crate::auth::AuthError::Missing => "missing token",
+                    crate::auth::AuthError::Expired => "token expired",
+                    crate::auth::AuthError::Invalid => "invalid token",
+                    crate::auth::AuthError::WrongUser => "token does not belong to this userid",
+                })
+        });
+    let after = params.after.as_deref().and_then(EventId::parse);
+    match verdict {
+        Ok(user) => ws.on_upgrade(move |socket| async move {
+            let (sink, stream) = socket.split();
+            session::run(sink, stream, state, user, after).await;
+        }),
+        Err(reason) => {
+            metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "auth").increment(1);
+            ws.on_upgrade(move |mut socket| async move {
+                let _ = socket.send(close_message(close::POLICY, reason)).await;
+            })
+        }
+    }
+}
+
+async fn health() -> &'static str {
+    "ok"
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let kafka_ok = kafka::is_reachable(&state.producer, Duration::from_secs(1)).await;
+    let redis_ok = matches!(
+        tokio::time::timeout(Duration::from_secs(1), state.redis.ping::<String>(None)).await,
+        Ok(Ok(_))
+    );
+    let body = Json(json!({ "kafka": kafka_ok, "redis": redis_ok }));
+    if kafka_ok && redis_ok && !state.shutdown.is_cancelled() {
+        (StatusCode::OK, body).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
