@@ -6,7 +6,7 @@ set -euo pipefail
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
-export PATH="$HOME/.cargo/bin:$PATH"
+export PATH="${CARGO_HOME:-${HOME:-/root}/.cargo}/bin:$PATH"
 
 TANSU_VERSION="0.6.0"
 TANSU_FEATURES="libsql,dynostore"

@@ -13,7 +13,7 @@
 # Prometheus data. Set COLLOQUY_SKIP_BUILD=1 to use the binaries already in target/release.
 set -euo pipefail
 
-export PATH="$HOME/.cargo/bin:$PATH"
+export PATH="${CARGO_HOME:-${HOME:-/root}/.cargo}/bin:$PATH"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUN="$REPO/run"

@@ -9,7 +9,7 @@
 # Exits non-zero on any failure.
 set -euo pipefail
 
-export PATH="$HOME/.cargo/bin:$PATH"
+export PATH="${CARGO_HOME:-${HOME:-/root}/.cargo}/bin:$PATH"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
@@ -32,7 +32,7 @@ if [ "$FORCE_PROCESSES" = 1 ]; then
   export COLLOQUY_TESTKIT=processes
 elif [ -n "${COLLOQUY_TESTKIT:-}" ]; then
   : # respect an explicit choice
-elif docker info >/dev/null 2>&1; then
+elif command -v docker >/dev/null 2>&1 && timeout 30 docker info >/dev/null 2>&1; then
   export COLLOQUY_TESTKIT=containers
 else
   export COLLOQUY_TESTKIT=processes
@@ -41,6 +41,8 @@ fi
 if [ "$COLLOQUY_TESTKIT" = containers ]; then
   log "building local images (infra/images/build.sh)"
   infra/images/build.sh
+  log "smoke-testing the images (infra/images/smoke.sh)"
+  infra/images/smoke.sh
   export COLLOQUY_TANSU_IMAGE="${COLLOQUY_TANSU_IMAGE:-colloquy/tansu:local}"
   export COLLOQUY_REDIS_IMAGE="${COLLOQUY_REDIS_IMAGE:-colloquy/redis:local}"
 fi

@@ -11,7 +11,7 @@ set -euo pipefail
 
 log() { printf '[images] %s\n' "$*" >&2; }
 
-export PATH="$HOME/.cargo/bin:$PATH"
+export PATH="${CARGO_HOME:-${HOME:-/root}/.cargo}/bin:$PATH"
 export DOCKER_BUILDKIT=0   # the classic builder: no buildx plugin here, and nothing to pull for scratch
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,7 +29,7 @@ for a in "$@"; do
 done
 [ "${#WANT[@]}" -gt 0 ] || WANT=(tansu redis)
 
-if ! docker info >/dev/null 2>&1; then
+if ! command -v docker >/dev/null 2>&1 || ! timeout 30 docker info >/dev/null 2>&1; then
   log "no Docker engine reachable: skipping image builds"
   exit 0
 fi
