@@ -13,14 +13,15 @@ use colloquy_core::metrics::{CONTRACT, is_contract_series};
 use serde_json::Value;
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.canonicalize().unwrap_or(root)
 }
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
-/// Files under `dir` (recursively) whose name ends with one of `exts`, sorted.
+/// Files in `dir` (and its subfolders when `recursive`) whose name ends with one of `exts`, sorted.
 fn files_with_ext(dir: &Path, exts: &[&str], recursive: bool) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -339,6 +340,30 @@ fn dashboards_parse_and_every_panel_queries_prometheus() {
 }
 
 #[test]
+fn grafana_provisioning_points_at_local_prometheus_and_dashboards() {
+    let dir = repo_root().join("dashboards/provisioning");
+    let datasources = read(&dir.join("datasources.yml"));
+    for needle in [
+        "type: prometheus",
+        "url: http://127.0.0.1:9090",
+        "name: Prometheus",
+        "uid: prometheus",
+    ] {
+        assert!(
+            datasources.contains(needle),
+            "datasources.yml lacks `{needle}`"
+        );
+    }
+    let dashboards = read(&dir.join("dashboards.yml"));
+    for needle in ["type: file", "path: ${COLLOQUY_DASHBOARDS_DIR}"] {
+        assert!(
+            dashboards.contains(needle),
+            "dashboards.yml lacks `{needle}`"
+        );
+    }
+}
+
+#[test]
 fn dashboards_use_only_contract_metrics_and_show_all_of_them() {
     let exprs = dashboard_exprs();
     let mut used = BTreeSet::new();
@@ -466,7 +491,7 @@ fn every_alert_has_a_firing_and_a_quiet_promtool_case() {
         let text = read(&path);
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {
-            let Some(name) = line.trim_start().strip_prefix("alertname:") else {
+            let Some(name) = line.trim_start().strip_prefix("alertname:").map(str::trim) else {
                 continue;
             };
             let next = lines[i + 1..]
@@ -474,8 +499,8 @@ fn every_alert_has_a_firing_and_a_quiet_promtool_case() {
                 .map(|l| l.trim())
                 .find(|l| !l.is_empty() && !l.starts_with('#'));
             match next {
-                Some("exp_alerts: []") => quiet.insert(name.trim().to_owned()),
-                Some("exp_alerts:") => firing.insert(name.trim().to_owned()),
+                Some("exp_alerts: []") => quiet.insert(name.to_owned()),
+                Some("exp_alerts:") => firing.insert(name.to_owned()),
                 other => panic!("{}: alertname {name} followed by {other:?}", path.display()),
             };
         }
