@@ -64,21 +64,25 @@ pub fn init(service: &'static str, cfg: &TelemetryConfig) -> Result<Telemetry, T
     })?;
     let provider = tracer_provider(service, cfg.otlp_endpoint.as_deref())?;
     let tracer = provider.tracer(service);
+    // Spans are traced at INFO whatever the log filter says: the trace id is the correlation
+    // id, and turning logs down must not break traces.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
-        .with_error_records_to_exceptions(true);
+        .with_error_records_to_exceptions(true)
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let fmt_layer = match cfg.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .fmt_fields(JsonFields::new())
             .event_format(JsonLines { service })
             .with_writer(std::io::stdout)
+            .with_filter(filter)
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed(),
     };
     let installed = tracing_subscriber::registry()
-        .with(filter)
         .with(otel)
         .with(fmt_layer)
         .try_init()

@@ -1,0 +1,272 @@
+//! Kafka and Redis for a test: containers when a Docker engine is reachable, local processes
+//! otherwise. Either way on random host ports, torn down when dropped, and restartable (the
+//! chaos scenarios kill and restart them).
+//!
+//! `COLLOQUY_TESTKIT=containers|processes` forces a backend; image names come from
+//! `COLLOQUY_TANSU_IMAGE` and `COLLOQUY_REDIS_IMAGE` (defaults name the locally built images;
+//! a user who can pull may point them at `apache/kafka` and `redis`).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+use tokio::process::{Child, Command};
+
+/// Which way infrastructure runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Containers,
+    Processes,
+}
+
+impl Backend {
+    /// From `COLLOQUY_TESTKIT`, else containers when `docker info` answers.
+    #[must_use]
+    pub fn from_env() -> Self {
+        match std::env::var("COLLOQUY_TESTKIT").as_deref() {
+            Ok("processes") => Self::Processes,
+            Ok("containers") => Self::Containers,
+            _ => {
+                let docker = std::process::Command::new("docker")
+                    .args(["info", "--format", "{{.ServerVersion}}"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if docker { Self::Containers } else { Self::Processes }
+            }
+        }
+    }
+}
+
+/// Options for [`Infra::start_with`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InfraOptions {
+    /// Keep Kafka data on disk (sqlite) so it survives a broker restart; slower fetches.
+    pub durable_kafka: bool,
+}
+
+enum Node {
+    Container(ContainerAsync<GenericImage>),
+    Process { child: Option<Child>, program: PathBuf, args: Vec<String>, dir: PathBuf, log: PathBuf },
+}
+
+/// A running Kafka-compatible broker and Redis.
+pub struct Infra {
+    pub backend: Backend,
+    pub kafka_bootstrap: String,
+    pub redis_url: String,
+    kafka_port: u16,
+    redis_port: u16,
+    kafka: Node,
+    redis: Node,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Infra {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Infra").field("backend", &self.backend).field("kafka", &self.kafka_bootstrap).field("redis", &self.redis_url).finish()
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read and released).
+///
+/// # Errors
+/// When no port can be bound.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn tansu_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("COLLOQUY_TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let cargo_bin = home.join(".cargo/bin/tansu");
+    if cargo_bin.exists() { cargo_bin } else { PathBuf::from("tansu") }
+}
+
+impl Infra {
+    /// Starts in-memory Kafka and Redis on the backend chosen by the environment.
+    ///
+    /// # Errors
+    /// When neither can be started (the message says what is missing).
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(InfraOptions::default()).await
+    }
+
+    /// Starts Kafka and Redis with `opts`.
+    ///
+    /// # Errors
+    /// When neither can be started (the message says what is missing).
+    pub async fn start_with(opts: InfraOptions) -> anyhow::Result<Self> {
+        let backend = Backend::from_env();
+        let dir = tempfile::tempdir().context("temp dir")?;
+        let kafka_port = free_port()?;
+        let redis_port = free_port()?;
+        let (kafka, redis) = match backend {
+            Backend::Containers => (
+                start_tansu_container(kafka_port, opts, dir.path()).await?,
+                start_redis_container(redis_port).await?,
+            ),
+            Backend::Processes => {
+                let storage = if opts.durable_kafka { "sqlite://tansu.db" } else { "memory://tansu/" };
+                let url = format!("tcp://127.0.0.1:{kafka_port}");
+                let tansu_args = vec!["broker".into(), "--listener-url".into(), url.clone(), "--advertised-listener-url".into(), url, "--storage-engine".into(), storage.into()];
+                let redis_args = vec!["--port".into(), redis_port.to_string(), "--bind".into(), "127.0.0.1".into(), "--save".into(), String::new(), "--appendonly".into(), "no".into()];
+                let mut kafka = Node::Process { child: None, program: tansu_binary(), args: tansu_args, dir: dir.path().to_owned(), log: dir.path().join("tansu.log") };
+                let mut redis = Node::Process { child: None, program: PathBuf::from("redis-server"), args: redis_args, dir: dir.path().to_owned(), log: dir.path().join("redis.log") };
+                kafka.start().await?;
+                redis.start().await?;
+                (kafka, redis)
+            }
+        };
+        let infra = Self {
+            backend,
+            kafka_bootstrap: format!("127.0.0.1:{kafka_port}"),
+            redis_url: format!("redis://127.0.0.1:{redis_port}"),
+            kafka_port,
+            redis_port,
+            kafka,
+            redis,
+            _dir: dir,
+        };
+        infra.wait_ready().await?;
+        Ok(infra)
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        wait_port(self.redis_port, Duration::from_secs(30)).await.context("Redis did not come up")?;
+        wait_port(self.kafka_port, Duration::from_secs(60)).await.context("Kafka did not come up")?;
+        Ok(())
+    }
+
+    /// Kills the broker at once (SIGKILL).
+    ///
+    /// # Errors
+    /// When the kill fails.
+    pub async fn kill_kafka(&mut self) -> anyhow::Result<()> {
+        self.kafka.kill().await
+    }
+
+    /// Starts the broker again on the same port.
+    ///
+    /// # Errors
+    /// When it does not come back.
+    pub async fn start_kafka(&mut self) -> anyhow::Result<()> {
+        self.kafka.start().await?;
+        wait_port(self.kafka_port, Duration::from_secs(60)).await
+    }
+
+    /// Kills Redis at once (SIGKILL).
+    ///
+    /// # Errors
+    /// When the kill fails.
+    pub async fn kill_redis(&mut self) -> anyhow::Result<()> {
+        self.redis.kill().await
+    }
+
+    /// Starts Redis again on the same port (empty: it keeps nothing on disk).
+    ///
+    /// # Errors
+    /// When it does not come back.
+    pub async fn start_redis(&mut self) -> anyhow::Result<()> {
+        self.redis.start().await?;
+        wait_port(self.redis_port, Duration::from_secs(30)).await
+    }
+}
+
+impl Node {
+    async fn start(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Container(c) => {
+                c.start().await.context("restart container")?;
+                Ok(())
+            }
+            Self::Process { child, program, args, dir, log } => {
+                let out = std::fs::OpenOptions::new().create(true).append(true).open(&*log)?;
+                let spawned = Command::new(&*program)
+                    .args(args.iter())
+                    .current_dir(&*dir)
+                    .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    .stdout(out.try_clone()?)
+                    .stderr(out)
+                    .kill_on_drop(true)
+                    .spawn()
+                    .with_context(|| format!("cannot run {} (install it: scripts/install-deps.sh)", program.display()))?;
+                *child = Some(spawned);
+                Ok(())
+            }
+        }
+    }
+
+    async fn kill(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Container(c) => {
+                let status = Command::new("docker").args(["kill", "--signal", "KILL", c.id()]).status().await?;
+                if !status.success() {
+                    bail!("docker kill failed");
+                }
+                Ok(())
+            }
+            Self::Process { child, .. } => {
+                if let Some(mut c) = child.take() {
+                    c.kill().await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn start_tansu_container(port: u16, opts: InfraOptions, dir: &std::path::Path) -> anyhow::Result<Node> {
+    let image = std::env::var("COLLOQUY_TANSU_IMAGE").unwrap_or_else(|_| "colloquy/tansu:local".into());
+    let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
+    let mut req = GenericImage::new(name, tag)
+        .with_exposed_port(9092.tcp())
+        .with_wait_for(WaitFor::message_on_stdout("ready in"))
+        .with_env_var("ADVERTISED_LISTENER_URL", format!("tcp://127.0.0.1:{port}"))
+        .with_mapped_port(port, 9092.tcp())
+        .with_startup_timeout(Duration::from_secs(60));
+    if opts.durable_kafka {
+        req = req
+            .with_env_var("STORAGE_ENGINE", "sqlite://tansu.db")
+            .with_mount(testcontainers::core::Mount::bind_mount(dir.display().to_string(), "/data"));
+    }
+    let c = req.start().await.with_context(|| format!("cannot start {image} (build it: infra/images/build.sh)"))?;
+    Ok(Node::Container(c))
+}
+
+async fn start_redis_container(port: u16) -> anyhow::Result<Node> {
+    let image = std::env::var("COLLOQUY_REDIS_IMAGE").unwrap_or_else(|_| "colloquy/redis:local".into());
+    let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
+    let c = GenericImage::new(name, tag)
+        .with_exposed_port(6379.tcp())
+        .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
+        .with_mapped_port(port, 6379.tcp())
+        .with_startup_timeout(Duration::from_secs(30))
+        .start()
+        .await
+        .with_context(|| format!("cannot start {image} (build it: infra/images/build.sh)"))?;
+    Ok(Node::Container(c))
+}
+
+/// Waits until something accepts connections on 127.0.0.1:`port`.
+///
+/// # Errors
+/// When nothing does within `timeout`.
+pub async fn wait_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}")
+}

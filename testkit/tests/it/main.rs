@@ -1,0 +1,8 @@
+//! Colloquy's integration suites: one test binary, one module per area. Every test gets its own
+//! Kafka and Redis (containers, or local processes with COLLOQUY_TESTKIT=processes).
+
+mod backoff;
+mod delivery;
+mod gateway;
+mod slo;
+mod telemetry;
