@@ -51,6 +51,7 @@ pub struct TestAppBuilder {
     gateways: usize,
     llm: LlmChoice,
     infra: InfraOptions,
+    produce_timeout_ms: u64,
     gateway: Box<dyn FnMutCfg<GatewayConfig>>,
     consumer: Box<dyn FnMutCfg<ConsumerConfig>>,
 }
@@ -103,6 +104,7 @@ pub struct TestApp {
     pub mock: Option<OpenAiMock>,
     pub http: reqwest::Client,
     llm_base_url: String,
+    produce_timeout_ms: u64,
     gateway_cfg: GatewayConfig,
     consumer_cfg: ConsumerConfig,
 }
@@ -113,6 +115,7 @@ impl Default for TestAppBuilder {
             gateways: 1,
             llm: LlmChoice::Fake(FakeLlmConfig::default()),
             infra: InfraOptions::default(),
+            produce_timeout_ms: 10_000,
             gateway: Box::new(|_: &mut GatewayConfig| {}),
             consumer: Box::new(|_: &mut ConsumerConfig| {}),
         }
@@ -133,6 +136,12 @@ impl TestAppBuilder {
     #[must_use]
     pub fn durable_kafka(mut self) -> Self {
         self.infra.durable_kafka = true;
+        self
+    }
+    /// How long a produce may take before the client is told `unavailable`.
+    #[must_use]
+    pub fn produce_timeout_ms(mut self, ms: u64) -> Self {
+        self.produce_timeout_ms = ms;
         self
     }
     #[must_use]
@@ -186,6 +195,7 @@ impl TestAppBuilder {
             mock,
             http: reqwest::Client::new(),
             llm_base_url,
+            produce_timeout_ms: self.produce_timeout_ms,
             gateway_cfg,
             consumer_cfg,
         };
@@ -222,6 +232,7 @@ impl TestApp {
     pub fn kafka(&self) -> KafkaConfig {
         let mut k = KafkaConfig::local(self.infra.kafka_bootstrap.clone());
         k.partitions = 4;
+        k.produce_timeout_ms = self.produce_timeout_ms;
         k
     }
 
@@ -327,6 +338,35 @@ impl TestApp {
     pub async fn connect(&self, i: usize, user: &str) -> anyhow::Result<WsClient> {
         let token = self.token(user).await?;
         WsClient::connect(&self.ws_base(i), user, &token, None).await
+    }
+
+    /// Reads up to `n` records of `topic` from the beginning (payload, headers), waiting at most `timeout`.
+    ///
+    /// # Errors
+    /// When the consumer cannot be created.
+    pub async fn read_topic(&self, topic: &str, n: usize, timeout: Duration) -> anyhow::Result<Vec<(Vec<u8>, Vec<(String, String)>)>> {
+        use rdkafka::Message;
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::message::Headers;
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.infra.kafka_bootstrap)
+            .set("group.id", format!("reader-{}", rand::random::<u32>()))
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "5")
+            .create()?;
+        consumer.subscribe(&[topic])?;
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while out.len() < n {
+            let Ok(msg) = tokio::time::timeout_at(deadline, consumer.recv()).await else { break };
+            let msg = msg?;
+            let headers = msg
+                .headers()
+                .map(|h| h.iter().map(|x| (x.key.to_owned(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())).collect())
+                .unwrap_or_default();
+            out.push((msg.payload().unwrap_or_default().to_vec(), headers));
+        }
+        Ok(out)
     }
 
     /// Stops everything gracefully.

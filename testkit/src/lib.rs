@@ -9,6 +9,7 @@
 //! - [`load`]: the load generator (also the `colloquy-load` binary);
 //! - [`otlp`]: an in-process OTLP/HTTP trace receiver.
 
+pub mod browser;
 pub mod checker;
 pub mod client;
 pub mod fake_llm;

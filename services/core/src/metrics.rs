@@ -36,6 +36,10 @@ pub struct MetricDef {
     pub labels: &'static [&'static str],
     /// Which services emit it.
     pub services: &'static [&'static str],
+    /// Label values of the zero series each service registers at start, one per label other
+    /// than `service` (so every counter and gauge is visible before its first event).
+    /// `None` for metrics that only exist once observed (histograms, per-partition lag).
+    pub zero: Option<&'static [&'static str]>,
     pub help: &'static str,
 }
 
@@ -71,6 +75,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service", "version"],
         services: ALL,
+        zero: None,
         help: "Always 1; labels name the running service and version",
     },
     MetricDef {
@@ -79,6 +84,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "seconds",
         labels: &["outcome"],
         services: GATEWAY,
+        zero: None,
         help: "Gateway receive of a message to its response (or llm_failed) frame written to a socket",
     },
     MetricDef {
@@ -87,6 +93,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "seconds",
         labels: &[],
         services: GATEWAY,
+        zero: None,
         help: "Gateway receive of a message to its first delta frame written",
     },
     MetricDef {
@@ -95,6 +102,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "seconds",
         labels: &["stage"],
         services: ALL,
+        zero: None,
         help: "Latency of one hop: produce, queue_wait, llm, relay, fanout",
     },
     MetricDef {
@@ -103,6 +111,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service", "outcome"],
         services: ALL,
+        zero: Some(&["received"]),
         help: "Messages handled, by service and outcome",
     },
     MetricDef {
@@ -111,6 +120,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &[],
         services: GATEWAY,
+        zero: Some(&[]),
         help: "WebSocket connections open on this gateway",
     },
     MetricDef {
@@ -119,6 +129,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["reason"],
         services: GATEWAY,
+        zero: Some(&["auth"]),
         help: "WebSocket upgrades or sessions refused or closed by policy, by reason",
     },
     MetricDef {
@@ -127,6 +138,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["status"],
         services: CONSUMER,
+        zero: Some(&["2xx"]),
         help: "LLM HTTP attempts by status class (2xx, 4xx, 429, 5xx, timeout, transport)",
     },
     MetricDef {
@@ -135,6 +147,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["reason"],
         services: CONSUMER,
+        zero: Some(&["429"]),
         help: "LLM attempts retried after backoff, by reason",
     },
     MetricDef {
@@ -143,6 +156,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["class"],
         services: CONSUMER,
+        zero: Some(&["exhausted"]),
         help: "LLM calls that failed for good, by class",
     },
     MetricDef {
@@ -151,6 +165,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["kind"],
         services: CONSUMER,
+        zero: Some(&["completion"]),
         help: "Tokens reported by the LLM, prompt or completion",
     },
     MetricDef {
@@ -159,6 +174,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &[],
         services: CONSUMER,
+        zero: Some(&[]),
         help: "Messages being answered now (bounded by the in-flight limit)",
     },
     MetricDef {
@@ -167,6 +183,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service", "topic", "partition"],
         services: KAFKA_CONSUMERS,
+        zero: None,
         help: "Consumer lag per partition in messages, from librdkafka statistics",
     },
     MetricDef {
@@ -175,6 +192,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service", "topic"],
         services: KAFKA_CONSUMERS,
+        zero: Some(&["none"]),
         help: "Records written to a dead-letter topic",
     },
     MetricDef {
@@ -183,6 +201,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service", "op"],
         services: ALL,
+        zero: Some(&["none"]),
         help: "Redis commands that failed, by operation",
     },
     MetricDef {
@@ -191,6 +210,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service", "op"],
         services: ALL,
+        zero: Some(&["none"]),
         help: "Kafka produce or consume errors, by operation",
     },
     MetricDef {
@@ -199,6 +219,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["reason"],
         services: GATEWAY,
+        zero: Some(&["resume"]),
         help: "Deliveries sent from the inbox stream during a replay, by what triggered it",
     },
     MetricDef {
@@ -207,6 +228,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service"],
         services: ALL,
+        zero: Some(&[]),
         help: "Duplicates detected and skipped (redelivered messages, repeated deliveries)",
     },
 ];
@@ -267,10 +289,25 @@ fn describe() {
     }
 }
 
-/// Sets `colloquy_build_info{service,version} 1`.
+/// Sets `colloquy_build_info{service,version} 1` and registers the zero series of every
+/// counter and gauge `service` emits, so dashboards and alerts see them before the first event.
 pub fn record_build_info(service: &'static str) {
     metrics::gauge!(BUILD_INFO, "service" => service, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
+    for def in CONTRACT.iter().filter(|d| d.services.contains(&service)) {
+        let Some(values) = def.zero else { continue };
+        let mut labels: Vec<metrics::Label> = Vec::with_capacity(def.labels.len());
+        let mut values = values.iter();
+        for l in def.labels {
+            let v = if *l == "service" { service } else { values.next().copied().unwrap_or("none") };
+            labels.push(metrics::Label::new(*l, v));
+        }
+        match def.kind {
+            Kind::Counter => metrics::counter!(def.name, labels).increment(0),
+            Kind::Gauge => metrics::gauge!(def.name, labels).increment(0.0),
+            Kind::Histogram => {}
+        }
+    }
 }
 
 /// Renders the contract as the markdown table in `docs/metrics.md`.

@@ -71,7 +71,12 @@ impl TokenService {
         self.issue_at(user, now, now + self.ttl_secs)
     }
 
-    fn issue_at(&self, user: &UserId, iat: u64, exp: u64) -> Result<String, jsonwebtoken::errors::Error> {
+    /// A token with explicit issue and expiry times (seconds since the epoch), e.g. an expired
+    /// one for a test.
+    ///
+    /// # Errors
+    /// Only if signing fails, which HS256 with any key does not.
+    pub fn issue_at(&self, user: &UserId, iat: u64, exp: u64) -> Result<String, jsonwebtoken::errors::Error> {
         let claims = Claims {
             sub: user.to_string(),
             iat,

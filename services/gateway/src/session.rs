@@ -97,6 +97,19 @@ where
         tokio::select! {
             biased;
             () = shutdown.cancelled() => {
+                // Drain: let in-flight produces finish and their acks reach the client, then close.
+                let max = state.config.max_in_flight_per_connection;
+                let drain = async {
+                    while in_flight.available_permits() < max || !rx.is_empty() {
+                        let Some(out) = rx.recv().await else { break };
+                        let mut frames = Vec::new();
+                        session.on_outbound(out, &mut cursor, &mut replay, &mut frames);
+                        if write_frames(&mut sink, frames).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(state.config.shutdown_grace(), drain).await;
                 let _ = sink.send(close_message(close::RESTART, "server restarting; reconnect and resume")).await;
                 break;
             }
@@ -342,6 +355,10 @@ fn delivered_frame(d: &Delivery) -> ServerFrame {
             }
         }
         ResponseBody::Final { .. } | ResponseBody::Failed { .. } => {
+            // The last hop of the message's trace: the answer handed to the socket.
+            let span = tracing::info_span!("gateway.deliver", userid = %d.userid, msg_id = %d.msg_id, otel.kind = "consumer");
+            colloquy_core::trace_context::continue_from(&span, d.traceparent.as_deref());
+            drop(span);
             let outcome = if matches!(d.body, ResponseBody::Final { .. }) { "response" } else { "llm_failed" };
             metrics::histogram!(m::E2E_LATENCY, "outcome" => outcome).record(since_receive);
             metrics::histogram!(m::STAGE_LATENCY, "stage" => "fanout")

@@ -2,6 +2,7 @@
 //! Kafka and Redis (containers, or local processes with COLLOQUY_TESTKIT=processes).
 
 mod backoff;
+mod chat_page;
 mod delivery;
 mod gateway;
 mod slo;
