@@ -50,12 +50,15 @@ const POLL_EVERY: Duration = Duration::from_millis(50);
 const LOG_LINES: usize = 200;
 
 /// The Chromium binary to use: `$CHROMIUM` when set and non-empty (a bare name is looked up on
-/// `PATH`), else `chromium` or `chromium-browser` on `PATH`. `None` when there is none.
+/// `PATH`), else `chromium` or `chromium-browser` on `PATH`. `None` only when `CHROMIUM` is unset
+/// and neither is on `PATH`.
 #[must_use]
 pub fn find_chromium() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("CHROMIUM").filter(|p| !p.is_empty()) {
+        // Set on purpose: returned even when it does not exist, so that launching fails loudly
+        // rather than the caller skipping.
         let p = PathBuf::from(p);
-        return if p.components().count() == 1 { which(&p) } else { is_executable(&p).then_some(p) };
+        return Some(if p.components().count() == 1 { which(&p).unwrap_or(p) } else { p });
     }
     ["chromium", "chromium-browser"].iter().find_map(|name| which(Path::new(name)))
 }
@@ -168,8 +171,12 @@ impl Browser {
             Ok(Ok(url)) => url,
             Ok(Err(_)) => {
                 // stderr closed without the line: Chromium exited (or closed stderr).
-                let status = tokio::time::timeout(Duration::from_secs(5), browser.child.wait()).await;
-                bail!("Chromium exited before announcing DevTools ({status:?}); stderr:\n{}", browser.stderr_tail());
+                let status = match tokio::time::timeout(Duration::from_secs(5), browser.child.wait()).await {
+                    Ok(Ok(s)) => s.to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "still running, stderr closed".into(),
+                };
+                bail!("Chromium exited before announcing DevTools ({status}); stderr:\n{}", browser.stderr_tail());
             }
             Err(_) => bail!("Chromium did not announce DevTools within {LAUNCH_TIMEOUT:?}; stderr:\n{}", browser.stderr_tail()),
         };
@@ -396,7 +403,7 @@ impl Page {
                 Err(e) => last = format!("{e:#}"),
             }
             if tokio::time::Instant::now() >= deadline {
-                bail!("{url} did not load within {NAVIGATION_TIMEOUT:?} ({last})\npage log:\n{}", self.log());
+                bail!("{url} did not load within {NAVIGATION_TIMEOUT:?} ({last}){}", self.log_suffix());
             }
             tokio::time::sleep(POLL_EVERY).await;
         }
@@ -450,7 +457,7 @@ impl Page {
                 Err(e) => last = format!("last error: {e:#}"),
             }
             if tokio::time::Instant::now() >= deadline {
-                bail!("timed out after {timeout:?} waiting for `{js}` ({last})\npage log:\n{}", self.log());
+                bail!("timed out after {timeout:?} waiting for `{js}` ({last}){}", self.log_suffix());
             }
             tokio::time::sleep(POLL_EVERY).await;
         }
@@ -460,6 +467,13 @@ impl Page {
     #[must_use]
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default()
+    }
+
+    fn log_suffix(&self) -> String {
+        match self.log() {
+            log if log.is_empty() => String::new(),
+            log => format!("\npage log:\n{log}"),
+        }
     }
 
     /// A receiver of every CDP event of this page (`{"method": ..., "params": ...}`).

@@ -31,7 +31,7 @@ async fn the_chat_page_connects_streams_and_shows_the_answer_with_its_latency() 
     let result = drive(&app, &chromium).await;
     app.shutdown().await;
     if let Err(e) = result {
-        panic!("{e:?}");
+        panic!("{e:#}");
     }
 }
 
@@ -47,7 +47,7 @@ async fn drive(app: &TestApp, chromium: &Path) -> anyhow::Result<()> {
             ensure!(!log.contains("uncaught:"), "the page threw:\n{log}");
             Ok(())
         }
-        Err(e) => Err(e.context(diagnose(&page).await)),
+        Err(e) => Err(anyhow::anyhow!("{e:#}\n{}", diagnose(&page).await)),
     }
 }
 
@@ -106,7 +106,7 @@ async fn chat(page: &Page) -> anyhow::Result<()> {
                 const a = document.querySelector('.answer[data-msg-id={id}]');
                 const m = a.parentElement.querySelector('.meta');
                 const text = (sel) => m.querySelector(sel)?.textContent ?? null;
-                return {{ latency: text('.latency'), ttft: text('.ttft'), error: text('.err'),
+                return {{ latency: text('.latency'), ttft: text('.ttft'), trace: text('.trace'), error: text('.err'),
                           state: text('.state'), all: m.textContent }};
             }})()",
             id = js_str(&id)
@@ -116,6 +116,10 @@ async fn chat(page: &Page) -> anyhow::Result<()> {
     let latency = meta["latency"].as_str().with_context(|| format!("no latency shown: {meta}"))?;
     let latency_ms = parse_duration_ms(latency).with_context(|| format!("latency {latency:?} is not a duration"))?;
     assert!(latency_ms > 0.0 && latency_ms < T.as_secs_f64() * 1000.0, "latency {latency:?}");
+    // The trace id from the ack, shown for copying.
+    let trace = meta["trace"].as_str().with_context(|| format!("no trace id shown: {meta}"))?;
+    let hex = trace.strip_prefix("trace ").unwrap_or_default();
+    ensure!(hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()) && hex.bytes().any(|b| b != b'0'), "trace {trace:?}");
 
     // Streaming: deltas arrived before the response (the page shows the time to first token),
     // and the bubble showed a growing prefix of the answer before the final text.
@@ -137,6 +141,7 @@ async fn chat(page: &Page) -> anyhow::Result<()> {
     let mut lens: Vec<usize> = partials.iter().map(|p| p.len()).collect();
     lens.dedup();
     ensure!(lens.windows(2).all(|w| w[0] < w[1]), "streamed text did not only grow: {partials:?}");
+    eprintln!("chat page: {answer:?} in {latency} ({ttft}), {} partial renders before the final one", partials.len());
     Ok(())
 }
 
@@ -160,5 +165,8 @@ async fn diagnose(page: &Page) -> String {
         .eval("JSON.stringify({ status: document.getElementById('status')?.textContent, url: location.href, messages: document.getElementById('messages')?.innerText })")
         .await
         .map_or_else(|e| format!("(page not readable: {e:#})"), |v| v.as_str().unwrap_or_default().to_owned());
-    format!("page: {shown}\npage log:\n{}", page.log())
+    match page.log() {
+        log if log.is_empty() => format!("page: {shown}"),
+        log => format!("page: {shown}\npage log:\n{log}"),
+    }
 }
