@@ -152,12 +152,17 @@ cmd_up() {
   # If anything below fails (or we are interrupted), stop what was already started.
   trap 'log "start-up failed: stopping what was started"; cmd_down' EXIT
 
-  # Kafka protocol: tansu, durable sqlite storage. sqlite://NAME is relative to the working dir.
+  # Kafka protocol: tansu. KAFKA_STORAGE=sqlite (default) is durable across restarts;
+  # KAFKA_STORAGE=memory is what the throughput runs use (see docs/performance.md: tansu
+  # 0.6's sqlite engine fetches slowly and panics under heavy idempotent produce load).
+  # sqlite://NAME is relative to the working dir.
+  local storage="sqlite://tansu.db"
+  [ "${KAFKA_STORAGE:-sqlite}" = memory ] && storage="memory://tansu/"
   start tansu "$RUN/tansu" RUST_LOG="${TANSU_LOG:-warn}" -- \
     tansu broker \
       --listener-url tcp://127.0.0.1:9092 \
       --advertised-listener-url tcp://127.0.0.1:9092 \
-      --storage-engine sqlite://tansu.db
+      --storage-engine "$storage"
   wait_for tansu 60 port_open 9092
 
   start redis "$RUN/redis" -- \

@@ -292,6 +292,7 @@ fn describe() {
 /// Sets `colloquy_build_info{service,version} 1` and registers the zero series of every
 /// counter and gauge `service` emits, so dashboards and alerts see them before the first event.
 pub fn record_build_info(service: &'static str) {
+    let _ = recorder();
     metrics::gauge!(BUILD_INFO, "service" => service, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
     for def in CONTRACT.iter().filter(|d| d.services.contains(&service)) {

@@ -47,14 +47,13 @@ pub enum TelemetryError {
 }
 
 /// Installs logging and tracing for `service` (once per process; later calls only return a guard)
-/// and the Prometheus recorder.
+/// and the Prometheus recorder. Each service's `Application::build` registers its own metrics.
 ///
 /// # Errors
 /// When the log filter or the OTLP endpoint is invalid.
 pub fn init(service: &'static str, cfg: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     let _ = crate::metrics::recorder();
-    crate::metrics::record_build_info(service);
     if INSTALLED.get().is_some() {
         return Ok(Telemetry { provider: None });
     }

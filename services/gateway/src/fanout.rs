@@ -47,6 +47,12 @@ impl Resync {
         self.notify.notify_one();
     }
 
+    /// Whether a resync was requested and not yet picked up by the session.
+    #[must_use]
+    pub fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
     /// Waits until a resync is requested and clears the request.
     pub async fn requested(&self) {
         loop {
@@ -189,6 +195,11 @@ impl Fanout {
         let users = self.users();
         let Some(conns) = users.get(&delivery.userid) else { return };
         for conn in conns {
+            // A connection that dropped a delivery must not take later ones before its replay
+            // starts: writing a later event first would move its cursor past the dropped one.
+            if conn.resync.is_pending() {
+                continue;
+            }
             match conn.tx.try_send(Outbound::Live(Arc::clone(&delivery))) {
                 Ok(()) => {}
                 // A slow socket: everything durable is in the inbox, so replay later instead of buffering without bound.

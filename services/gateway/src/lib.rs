@@ -53,6 +53,7 @@ impl Application {
     /// When the configuration is invalid, the port cannot be bound or topics cannot be created.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let Settings { gateway, kafka, redis, names } = settings;
+        colloquy_core::metrics::record_build_info("gateway");
         if let Err(e) = colloquy_core::kafka::ensure_topics(&kafka, &names.all_topics()).await {
             // The broker may come up later; produce will report unavailability per message.
             tracing::warn!(error = %e, "could not ensure topics at start");

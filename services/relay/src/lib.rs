@@ -86,6 +86,7 @@ impl Application {
     /// When configuration is invalid or the metrics address cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let Settings { relay: cfg, kafka: kcfg, redis, names } = settings;
+        colloquy_core::metrics::record_build_info("relay");
         if let Err(e) = kafka::ensure_topics(&kcfg, &names.all_topics()).await {
             tracing::warn!(error = %e, "could not ensure topics at start");
         }
