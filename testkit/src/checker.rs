@@ -56,6 +56,8 @@ pub struct Report {
     pub p50: Duration,
     pub p99: Duration,
     pub max_delay: Duration,
+    /// Up to ten lost message ids, to start an investigation from.
+    pub lost_sample: Vec<String>,
 }
 
 impl Report {
@@ -73,7 +75,11 @@ impl fmt::Display for Report {
             "sent={} acked={} delivered={} llm_failed={} lost={} unacked_undelivered={} duplicated={} redelivered={} unexpected={} p50={:.1}ms p99={:.1}ms max={:.1}ms",
             self.sent, self.acked, self.delivered, self.llm_failed, self.lost, self.unacked_undelivered, self.duplicated, self.redelivered, self.unexpected,
             self.p50.as_secs_f64() * 1e3, self.p99.as_secs_f64() * 1e3, self.max_delay.as_secs_f64() * 1e3
-        )
+        )?;
+        if !self.lost_sample.is_empty() {
+            write!(f, " lost_sample={:?}", self.lost_sample)?;
+        }
+        Ok(())
     }
 }
 
@@ -138,7 +144,9 @@ impl Checker {
         latencies.sort();
         let pct = |p: f64| latencies.get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or_default();
         let acked = s.sent.values().filter(|x| x.acked).count() as u64;
-        let lost = s.sent.iter().filter(|(id, x)| x.acked && !s.first_delivery.contains_key(*id)).count() as u64;
+        let lost_ids: Vec<&String> = s.sent.iter().filter(|(id, x)| x.acked && !s.first_delivery.contains_key(*id)).map(|(id, _)| id).collect();
+        let lost = lost_ids.len() as u64;
+        let lost_sample = lost_ids.iter().take(10).map(|s| (*s).clone()).collect();
         let unacked_undelivered = s.sent.iter().filter(|(id, x)| !x.acked && !s.first_delivery.contains_key(*id)).count() as u64;
         Report {
             sent: s.sent.len() as u64,
@@ -153,6 +161,7 @@ impl Checker {
             p50: pct(0.50),
             p99: pct(0.99),
             max_delay: latencies.last().copied().unwrap_or_default(),
+            lost_sample,
         }
     }
 }

@@ -90,28 +90,35 @@ impl Worker {
 
     async fn answer(self: &Arc<Self>, job: &Job) -> Handled {
         let r = &job.record;
-        // 1. Claim, waiting out another consumer's lease.
-        loop {
-            let claim = self.retry_redis("claim", || self.claims.claim(&r.userid, &r.msg_id)).await;
-            match claim {
-                None => return Handled::Abandoned,
-                Some(Claim::Acquired) => break,
-                Some(Claim::AlreadyDone) => {
-                    metrics::counter!(m::DUPLICATES, "service" => "ai-consumer").increment(1);
-                    tracing::debug!("message already answered; skipped");
-                    return Handled::Duplicate;
-                }
-                Some(Claim::Leased) => {
-                    tracing::debug!("message leased by another consumer; waiting");
-                    if self.sleep(Duration::from_millis(500)).await.is_err() {
-                        return Handled::Abandoned;
+        // 1. Claim, waiting out another consumer's lease; read the memory meanwhile.
+        let history = self.memory.recent(&r.userid);
+        let claimed = async {
+            loop {
+                let claim = self.retry_redis("claim", || self.claims.claim(&r.userid, &r.msg_id)).await;
+                match claim {
+                    None => return Err(Handled::Abandoned),
+                    Some(Claim::Acquired) => return Ok(()),
+                    Some(Claim::AlreadyDone) => {
+                        metrics::counter!(m::DUPLICATES, "service" => "ai-consumer").increment(1);
+                        tracing::debug!("message already answered; skipped");
+                        return Err(Handled::Duplicate);
+                    }
+                    Some(Claim::Leased) => {
+                        tracing::debug!("message leased by another consumer; waiting");
+                        if self.sleep(Duration::from_millis(500)).await.is_err() {
+                            return Err(Handled::Abandoned);
+                        }
                     }
                 }
             }
+        };
+        let (claimed, history) = tokio::join!(claimed, history);
+        if let Err(handled) = claimed {
+            return handled;
         }
         // 2. Memory (best effort: an answer without context beats no answer).
         let mut turns = vec![Turn { role: Role::System, content: self.system_prompt.clone() }];
-        match self.memory.recent(&r.userid).await {
+        match history {
             Ok(history) => turns.extend(history),
             Err(e) => {
                 metrics::counter!(m::REDIS_ERRORS, "service" => "ai-consumer", "op" => "memory_read").increment(1);
@@ -138,7 +145,9 @@ impl Worker {
             res = call.instrument(call_span.clone()) => res,
             () = self.shutdown.cancelled() => return Handled::Abandoned,
         };
-        batcher.flush();
+        // The trailing partial batch is not sent as a delta: the final record carries the whole
+        // answer, and a fast model's answer then costs one record instead of two.
+        drop(batcher);
 
         // 4. The outcome, durably in `responses` (and the DLQ on failure).
         let (body, handled, answer) = match result {
@@ -159,15 +168,19 @@ impl Worker {
         if !self.produce_response(job, body).await {
             return Handled::Abandoned;
         }
-        // 5. Done: a redelivery from now on is skipped.
-        if self.retry_redis("complete", || self.claims.complete(&r.userid, &r.msg_id)).await.is_none() {
+        // 5. Done: a redelivery from now on is skipped. Memory is written alongside.
+        let complete = self.retry_redis("complete", || self.claims.complete(&r.userid, &r.msg_id));
+        let remember = async {
+            if let Some(answer) = &answer
+                && let Err(e) = self.memory.append(&r.userid, &r.content, answer).await
+            {
+                metrics::counter!(m::REDIS_ERRORS, "service" => "ai-consumer", "op" => "memory_write").increment(1);
+                tracing::warn!(error = %e, "memory not updated");
+            }
+        };
+        let (completed, ()) = tokio::join!(complete, remember);
+        if completed.is_none() {
             return Handled::Abandoned;
-        }
-        if let Some(answer) = answer
-            && let Err(e) = self.memory.append(&r.userid, &r.content, &answer).await
-        {
-            metrics::counter!(m::REDIS_ERRORS, "service" => "ai-consumer", "op" => "memory_write").increment(1);
-            tracing::warn!(error = %e, "memory not updated");
         }
         handled
     }

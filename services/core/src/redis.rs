@@ -32,6 +32,9 @@ fn builder(cfg: &RedisConfig) -> Result<Builder, RedisSetupError> {
     })
     .with_performance_config(|p: &mut PerformanceConfig| {
         p.default_command_timeout = timeout;
+        // fred's default (32) makes a busy gateway's subscriber lag and drop deliveries,
+        // each drop forcing every connection to replay from its inbox.
+        p.broadcast_channel_capacity = 16_384;
     })
     .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
     Ok(b)
