@@ -2,7 +2,8 @@
 # The one command that runs every Colloquy test:
 #   1. scripts/install-deps.sh      (Debian packages, tansu)
 #   2. infra/images/build.sh        (local FROM-scratch images for tansu and redis, when Docker works)
-#   3. cargo test --workspace       (the testkit uses containers or local processes: COLLOQUY_TESTKIT)
+#   3. cargo fmt --check, cargo clippy -D warnings, cargo build --bins (the chaos suites run them)
+#      and cargo test --workspace   (the testkit uses containers or local processes: COLLOQUY_TESTKIT)
 #   4. promtool check/test rules    (alerts/*.yml, alerts/tests/*.yml, when present)
 # Usage: scripts/test.sh [--processes] [extra cargo test args...]
 #   --processes   force COLLOQUY_TESTKIT=processes even when a Docker engine is reachable
@@ -47,6 +48,16 @@ if [ "$COLLOQUY_TESTKIT" = containers ]; then
   export COLLOQUY_REDIS_IMAGE="${COLLOQUY_REDIS_IMAGE:-colloquy/redis:local}"
 fi
 log "COLLOQUY_TESTKIT=$COLLOQUY_TESTKIT"
+
+log "cargo fmt --check"
+cargo fmt --all --check
+
+log "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+# The chaos suites run the real binaries (gateway, ai-consumer, relay, fake-llm).
+log "cargo build --workspace --bins"
+cargo build --workspace --bins
 
 log "cargo test --workspace ${CARGO_ARGS[*]:-}"
 cargo test --workspace "${CARGO_ARGS[@]}"
