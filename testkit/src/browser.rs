@@ -58,14 +58,22 @@ pub fn find_chromium() -> Option<PathBuf> {
         // Set on purpose: returned even when it does not exist, so that launching fails loudly
         // rather than the caller skipping.
         let p = PathBuf::from(p);
-        return Some(if p.components().count() == 1 { which(&p).unwrap_or(p) } else { p });
+        return Some(if p.components().count() == 1 {
+            which(&p).unwrap_or(p)
+        } else {
+            p
+        });
     }
-    ["chromium", "chromium-browser"].iter().find_map(|name| which(Path::new(name)))
+    ["chromium", "chromium-browser"]
+        .iter()
+        .find_map(|name| which(Path::new(name)))
 }
 
 fn which(name: &Path) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| is_executable(p))
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -89,7 +97,10 @@ pub struct Browser {
 
 impl std::fmt::Debug for Browser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Browser").field("pid", &self.pid).field("devtools", &self.devtools).finish_non_exhaustive()
+        f.debug_struct("Browser")
+            .field("pid", &self.pid)
+            .field("devtools", &self.devtools)
+            .finish_non_exhaustive()
     }
 }
 
@@ -99,7 +110,8 @@ impl Browser {
     /// # Errors
     /// When there is no Chromium, or it does not start.
     pub async fn launch() -> anyhow::Result<Self> {
-        let bin = find_chromium().context("no Chromium found: set CHROMIUM or put chromium on PATH")?;
+        let bin =
+            find_chromium().context("no Chromium found: set CHROMIUM or put chromium on PATH")?;
         Self::launch_binary(&bin).await
     }
 
@@ -109,7 +121,10 @@ impl Browser {
     /// # Errors
     /// When it does not start or does not announce its DevTools endpoint in time.
     pub async fn launch_binary(bin: &Path) -> anyhow::Result<Self> {
-        let profile = tempfile::Builder::new().prefix("colloquy-chromium-").tempdir().context("profile dir")?;
+        let profile = tempfile::Builder::new()
+            .prefix("colloquy-chromium-")
+            .tempdir()
+            .context("profile dir")?;
         let mut cmd = Command::new(bin);
         cmd.arg("--headless=new")
             .arg("--no-sandbox") // as root the sandbox refuses to start
@@ -133,7 +148,9 @@ impl Browser {
             // Its own process group, so that drop kills the renderers and helpers too.
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = cmd.spawn().with_context(|| format!("spawn {}", bin.display()))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
         let pid = child.id();
         let stderr = child.stderr.take().context("no stderr pipe")?;
 
@@ -162,24 +179,37 @@ impl Browser {
             child,
             pid,
             devtools: String::new(),
-            http: reqwest::Client::builder().no_proxy().timeout(COMMAND_TIMEOUT).build()?,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(COMMAND_TIMEOUT)
+                .build()?,
             stderr_task,
             stderr_tail: tail,
             _profile: profile,
         };
-        let ws_url = match tokio::time::timeout(LAUNCH_TIMEOUT, found_rx).await {
-            Ok(Ok(url)) => url,
-            Ok(Err(_)) => {
-                // stderr closed without the line: Chromium exited (or closed stderr).
-                let status = match tokio::time::timeout(Duration::from_secs(5), browser.child.wait()).await {
-                    Ok(Ok(s)) => s.to_string(),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "still running, stderr closed".into(),
-                };
-                bail!("Chromium exited before announcing DevTools ({status}); stderr:\n{}", browser.stderr_tail());
-            }
-            Err(_) => bail!("Chromium did not announce DevTools within {LAUNCH_TIMEOUT:?}; stderr:\n{}", browser.stderr_tail()),
-        };
+        let ws_url =
+            match tokio::time::timeout(LAUNCH_TIMEOUT, found_rx).await {
+                Ok(Ok(url)) => url,
+                Ok(Err(_)) => {
+                    // stderr closed without the line: Chromium exited (or closed stderr).
+                    let status =
+                        match tokio::time::timeout(Duration::from_secs(5), browser.child.wait())
+                            .await
+                        {
+                            Ok(Ok(s)) => s.to_string(),
+                            Ok(Err(e)) => e.to_string(),
+                            Err(_) => "still running, stderr closed".into(),
+                        };
+                    bail!(
+                        "Chromium exited before announcing DevTools ({status}); stderr:\n{}",
+                        browser.stderr_tail()
+                    );
+                }
+                Err(_) => bail!(
+                    "Chromium did not announce DevTools within {LAUNCH_TIMEOUT:?}; stderr:\n{}",
+                    browser.stderr_tail()
+                ),
+            };
         // ws://127.0.0.1:PORT/devtools/browser/<id>
         let hostport = ws_url
             .strip_prefix("ws://")
@@ -200,7 +230,10 @@ impl Browser {
     /// The last lines Chromium wrote to stderr.
     #[must_use]
     pub fn stderr_tail(&self) -> String {
-        self.stderr_tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default()
+        self.stderr_tail
+            .lock()
+            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
     }
 
     /// The first page target (the `about:blank` tab Chromium starts with), or a new one when
@@ -213,7 +246,9 @@ impl Browser {
         for _ in 0..20 {
             let targets: Value = self.devtools_get("/json/list").await?;
             let ws = targets.as_array().into_iter().flatten().find_map(|t| {
-                (t["type"] == "page").then(|| t["webSocketDebuggerUrl"].as_str().map(str::to_owned)).flatten()
+                (t["type"] == "page")
+                    .then(|| t["webSocketDebuggerUrl"].as_str().map(str::to_owned))
+                    .flatten()
             });
             if let Some(ws) = ws {
                 return Page::connect(&ws).await;
@@ -228,25 +263,40 @@ impl Browser {
     /// # Errors
     /// When DevTools does not answer or the connection fails.
     pub async fn new_page(&self) -> anyhow::Result<Page> {
-        let resp = self.http.put(format!("{}/json/new?about:blank", self.devtools)).send().await.context("PUT /json/new")?;
+        let resp = self
+            .http
+            .put(format!("{}/json/new?about:blank", self.devtools))
+            .send()
+            .await
+            .context("PUT /json/new")?;
         let status = resp.status();
         let body = resp.text().await?;
         if !status.is_success() {
             bail!("PUT /json/new: {status} {body}");
         }
-        let target: Value = serde_json::from_str(&body).with_context(|| format!("PUT /json/new answered {body}"))?;
-        let ws = target["webSocketDebuggerUrl"].as_str().with_context(|| format!("no webSocketDebuggerUrl in {target}"))?;
+        let target: Value = serde_json::from_str(&body)
+            .with_context(|| format!("PUT /json/new answered {body}"))?;
+        let ws = target["webSocketDebuggerUrl"]
+            .as_str()
+            .with_context(|| format!("no webSocketDebuggerUrl in {target}"))?;
         Page::connect(ws).await
     }
 
     async fn devtools_get(&self, path: &str) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.devtools);
-        let resp = self.http.get(&url).send().await.with_context(|| format!("GET {url}"))?;
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
         let status = resp.status();
         if !status.is_success() {
             bail!("GET {url}: {status}");
         }
-        resp.json().await.with_context(|| format!("GET {url}: not JSON"))
+        resp.json()
+            .await
+            .with_context(|| format!("GET {url}: not JSON"))
     }
 }
 
@@ -308,10 +358,11 @@ impl Page {
     /// # Errors
     /// When the connection or the enabling fails.
     pub async fn connect(ws_url: &str) -> anyhow::Result<Self> {
-        let (ws, _) = tokio::time::timeout(COMMAND_TIMEOUT, tokio_tungstenite::connect_async(ws_url))
-            .await
-            .context("DevTools WebSocket connect timed out")?
-            .with_context(|| format!("connect {ws_url}"))?;
+        let (ws, _) =
+            tokio::time::timeout(COMMAND_TIMEOUT, tokio_tungstenite::connect_async(ws_url))
+                .await
+                .context("DevTools WebSocket connect timed out")?
+                .with_context(|| format!("connect {ws_url}"))?;
         let (sink, mut stream) = ws.split();
         let pending: Pending = Arc::default();
         let (events, _) = broadcast::channel(1024);
@@ -323,7 +374,9 @@ impl Page {
             async move {
                 while let Some(Ok(msg)) = stream.next().await {
                     let Message::Text(text) = msg else { continue };
-                    let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else { continue };
+                    let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else {
+                        continue;
+                    };
                     if let Some(id) = v["id"].as_u64() {
                         let tx = pending.lock().ok().and_then(|mut p| p.remove(&id));
                         if let Some(tx) = tx {
@@ -346,7 +399,14 @@ impl Page {
                 }
             }
         });
-        let page = Self { sink: tokio::sync::Mutex::new(sink), next_id: AtomicU64::new(1), pending, events, log, reader };
+        let page = Self {
+            sink: tokio::sync::Mutex::new(sink),
+            next_id: AtomicU64::new(1),
+            pending,
+            events,
+            log,
+            reader,
+        };
         page.call("Page.enable", json!({})).await?;
         page.call("Runtime.enable", json!({})).await?;
         Ok(page)
@@ -359,7 +419,10 @@ impl Page {
     pub async fn call(&self, method: &str, params: Value) -> anyhow::Result<Value> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().map_err(|_| anyhow!("poisoned"))?.insert(id, tx);
+        self.pending
+            .lock()
+            .map_err(|_| anyhow!("poisoned"))?
+            .insert(id, tx);
         let msg = json!({ "id": id, "method": method, "params": params }).to_string();
         let sent = self.sink.lock().await.send(Message::text(msg)).await;
         if let Err(e) = sent {
@@ -403,7 +466,10 @@ impl Page {
                 Err(e) => last = format!("{e:#}"),
             }
             if tokio::time::Instant::now() >= deadline {
-                bail!("{url} did not load within {NAVIGATION_TIMEOUT:?} ({last}){}", self.log_suffix());
+                bail!(
+                    "{url} did not load within {NAVIGATION_TIMEOUT:?} ({last}){}",
+                    self.log_suffix()
+                );
             }
             tokio::time::sleep(POLL_EVERY).await;
         }
@@ -457,7 +523,10 @@ impl Page {
                 Err(e) => last = format!("last error: {e:#}"),
             }
             if tokio::time::Instant::now() >= deadline {
-                bail!("timed out after {timeout:?} waiting for `{js}` ({last}){}", self.log_suffix());
+                bail!(
+                    "timed out after {timeout:?} waiting for `{js}` ({last}){}",
+                    self.log_suffix()
+                );
             }
             tokio::time::sleep(POLL_EVERY).await;
         }
@@ -466,7 +535,10 @@ impl Page {
     /// The page's console output and uncaught exceptions so far (the last few hundred lines).
     #[must_use]
     pub fn log(&self) -> String {
-        self.log.lock().map(|l| l.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default()
+        self.log
+            .lock()
+            .map(|l| l.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
     }
 
     fn log_suffix(&self) -> String {
@@ -509,11 +581,18 @@ fn log_line(ev: &Value) -> Option<String> {
                     v => v.to_string(),
                 })
                 .collect();
-            Some(format!("console.{}: {}", p["type"].as_str().unwrap_or("log"), args.join(" ")))
+            Some(format!(
+                "console.{}: {}",
+                p["type"].as_str().unwrap_or("log"),
+                args.join(" ")
+            ))
         }
         "Runtime.exceptionThrown" => {
             let d = &p["exceptionDetails"];
-            let what = d["exception"]["description"].as_str().or_else(|| d["text"].as_str()).unwrap_or("?");
+            let what = d["exception"]["description"]
+                .as_str()
+                .or_else(|| d["text"].as_str())
+                .unwrap_or("?");
             Some(format!("uncaught: {what}"))
         }
         _ => None,
@@ -526,7 +605,14 @@ mod tests {
 
     #[test]
     fn truthiness_follows_javascript() {
-        for v in [json!(true), json!(1), json!(-0.5), json!("x"), json!([]), json!({})] {
+        for v in [
+            json!(true),
+            json!(1),
+            json!(-0.5),
+            json!("x"),
+            json!([]),
+            json!({}),
+        ] {
             assert!(truthy(&v), "{v}");
         }
         for v in [json!(null), json!(false), json!(0), json!(0.0), json!("")] {
@@ -540,6 +626,9 @@ mod tests {
         assert_eq!(log_line(&c).as_deref(), Some("console.warn: a 2"));
         let e = json!({"method": "Runtime.exceptionThrown", "params": {"exceptionDetails": {"text": "Uncaught", "exception": {"description": "TypeError: x"}}}});
         assert_eq!(log_line(&e).as_deref(), Some("uncaught: TypeError: x"));
-        assert_eq!(log_line(&json!({"method": "Page.loadEventFired", "params": {}})), None);
+        assert_eq!(
+            log_line(&json!({"method": "Page.loadEventFired", "params": {}})),
+            None
+        );
     }
 }

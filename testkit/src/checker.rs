@@ -73,8 +73,18 @@ impl fmt::Display for Report {
         write!(
             f,
             "sent={} acked={} delivered={} llm_failed={} lost={} unacked_undelivered={} duplicated={} redelivered={} unexpected={} p50={:.1}ms p99={:.1}ms max={:.1}ms",
-            self.sent, self.acked, self.delivered, self.llm_failed, self.lost, self.unacked_undelivered, self.duplicated, self.redelivered, self.unexpected,
-            self.p50.as_secs_f64() * 1e3, self.p99.as_secs_f64() * 1e3, self.max_delay.as_secs_f64() * 1e3
+            self.sent,
+            self.acked,
+            self.delivered,
+            self.llm_failed,
+            self.lost,
+            self.unacked_undelivered,
+            self.duplicated,
+            self.redelivered,
+            self.unexpected,
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
+            self.max_delay.as_secs_f64() * 1e3
         )?;
         if !self.lost_sample.is_empty() {
             write!(f, " lost_sample={:?}", self.lost_sample)?;
@@ -85,12 +95,21 @@ impl fmt::Display for Report {
 
 impl Checker {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A client sent `msg_id` (first send only; resends keep the first time).
     pub fn sent(&self, user: &str, msg_id: &str) {
-        self.lock().sent.entry(msg_id.to_owned()).or_insert_with(|| Sent { user: user.to_owned(), at: Instant::now(), acked: false });
+        self.lock()
+            .sent
+            .entry(msg_id.to_owned())
+            .or_insert_with(|| Sent {
+                user: user.to_owned(),
+                at: Instant::now(),
+                acked: false,
+            });
     }
 
     /// The gateway acked `msg_id`.
@@ -139,15 +158,33 @@ impl Checker {
         let mut latencies: Vec<Duration> = s
             .first_delivery
             .iter()
-            .filter_map(|(id, at)| s.sent.get(id).map(|sent| at.saturating_duration_since(sent.at)))
+            .filter_map(|(id, at)| {
+                s.sent
+                    .get(id)
+                    .map(|sent| at.saturating_duration_since(sent.at))
+            })
             .collect();
         latencies.sort();
-        let pct = |p: f64| latencies.get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or_default();
+        let pct = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1))
+                .copied()
+                .unwrap_or_default()
+        };
         let acked = s.sent.values().filter(|x| x.acked).count() as u64;
-        let lost_ids: Vec<&String> = s.sent.iter().filter(|(id, x)| x.acked && !s.first_delivery.contains_key(*id)).map(|(id, _)| id).collect();
+        let lost_ids: Vec<&String> = s
+            .sent
+            .iter()
+            .filter(|(id, x)| x.acked && !s.first_delivery.contains_key(*id))
+            .map(|(id, _)| id)
+            .collect();
         let lost = lost_ids.len() as u64;
         let lost_sample = lost_ids.iter().take(10).map(|s| (*s).clone()).collect();
-        let unacked_undelivered = s.sent.iter().filter(|(id, x)| !x.acked && !s.first_delivery.contains_key(*id)).count() as u64;
+        let unacked_undelivered = s
+            .sent
+            .iter()
+            .filter(|(id, x)| !x.acked && !s.first_delivery.contains_key(*id))
+            .count() as u64;
         Report {
             sent: s.sent.len() as u64,
             acked,

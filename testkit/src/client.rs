@@ -23,12 +23,23 @@ pub enum Received {
 /// # Errors
 /// When the gateway refuses or is unreachable.
 pub async fn fetch_token(http: &reqwest::Client, base: &str, user: &str) -> anyhow::Result<String> {
-    let resp = http.post(format!("{base}/token")).query(&[("userid", user)]).send().await?;
+    let resp = http
+        .post(format!("{base}/token"))
+        .query(&[("userid", user)])
+        .send()
+        .await?;
     if !resp.status().is_success() {
-        bail!("token refused: {} {}", resp.status(), resp.text().await.unwrap_or_default());
+        bail!(
+            "token refused: {} {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        );
     }
     let v: serde_json::Value = resp.json().await?;
-    v["token"].as_str().map(str::to_owned).context("no token in answer")
+    v["token"]
+        .as_str()
+        .map(str::to_owned)
+        .context("no token in answer")
 }
 
 /// One WebSocket connection.
@@ -42,14 +53,22 @@ impl WsClient {
     ///
     /// # Errors
     /// When the upgrade fails.
-    pub async fn connect(ws_base: &str, user: &str, token: &str, after: Option<&str>) -> anyhow::Result<Self> {
+    pub async fn connect(
+        ws_base: &str,
+        user: &str,
+        token: &str,
+        after: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let mut url = format!("{ws_base}/ws?userid={user}&token={token}");
         if let Some(a) = after {
             url.push_str(&format!("&after={a}"));
         }
-        let (ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url))
-            .await
-            .context("WebSocket connect timed out")??;
+        let (ws, _) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(url),
+        )
+        .await
+        .context("WebSocket connect timed out")??;
         Ok(Self { ws })
     }
 
@@ -66,7 +85,12 @@ impl WsClient {
     /// # Errors
     /// When the socket is closed.
     pub async fn send_message(&mut self, id: &str, content: &str) -> anyhow::Result<()> {
-        self.send(&ClientFrame::Message { content: content.into(), id: Some(id.into()), userid: None }).await
+        self.send(&ClientFrame::Message {
+            content: content.into(),
+            id: Some(id.into()),
+            userid: None,
+        })
+        .await
     }
 
     /// Sends any text, valid or not.
@@ -94,16 +118,32 @@ impl WsClient {
     pub async fn recv(&mut self, timeout: Duration) -> anyhow::Result<Received> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let next = tokio::time::timeout_at(deadline, self.ws.next()).await.context("no frame in time")?;
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .context("no frame in time")?;
             match next {
-                None => return Ok(Received::Closed { code: 1006, reason: "connection dropped".into() }),
-                Some(Err(e)) => return Ok(Received::Closed { code: 1006, reason: e.to_string() }),
+                None => {
+                    return Ok(Received::Closed {
+                        code: 1006,
+                        reason: "connection dropped".into(),
+                    });
+                }
+                Some(Err(e)) => {
+                    return Ok(Received::Closed {
+                        code: 1006,
+                        reason: e.to_string(),
+                    });
+                }
                 Some(Ok(Message::Text(t))) => {
-                    let frame: ServerFrame = serde_json::from_str(t.as_str()).with_context(|| format!("unreadable frame {t}"))?;
+                    let frame: ServerFrame = serde_json::from_str(t.as_str())
+                        .with_context(|| format!("unreadable frame {t}"))?;
                     return Ok(Received::Frame(frame));
                 }
                 Some(Ok(Message::Close(c))) => {
-                    let (code, reason) = c.map_or((1005, String::new()), |CloseFrame { code, reason }| (u16::from(code), reason.to_string()));
+                    let (code, reason) = c
+                        .map_or((1005, String::new()), |CloseFrame { code, reason }| {
+                            (u16::from(code), reason.to_string())
+                        });
                     return Ok(Received::Closed { code, reason });
                 }
                 Some(Ok(_)) => {}
@@ -115,7 +155,11 @@ impl WsClient {
     ///
     /// # Errors
     /// On timeout or close.
-    pub async fn recv_until(&mut self, timeout: Duration, mut pred: impl FnMut(&ServerFrame) -> bool) -> anyhow::Result<ServerFrame> {
+    pub async fn recv_until(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&ServerFrame) -> bool,
+    ) -> anyhow::Result<ServerFrame> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -131,8 +175,16 @@ impl WsClient {
     ///
     /// # Errors
     /// On timeout or close.
-    pub async fn response_to(&mut self, id: &str, timeout: Duration) -> anyhow::Result<ServerFrame> {
-        self.recv_until(timeout, |f| matches!(f, ServerFrame::Response { id: i, .. } if i == id)).await
+    pub async fn response_to(
+        &mut self,
+        id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<ServerFrame> {
+        self.recv_until(
+            timeout,
+            |f| matches!(f, ServerFrame::Response { id: i, .. } if i == id),
+        )
+        .await
     }
 
     /// Closes the socket politely.

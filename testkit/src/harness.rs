@@ -26,7 +26,11 @@ pub fn init_tracing() {
     ONCE.call_once(|| {
         let cfg = TelemetryConfig {
             otlp_endpoint: std::env::var("TEST_OTLP_ENDPOINT").ok(),
-            log_filter: if std::env::var_os("TEST_LOG").is_some() { "info,colloquy=debug".into() } else { "off".into() },
+            log_filter: if std::env::var_os("TEST_LOG").is_some() {
+                "info,colloquy=debug".into()
+            } else {
+                "off".into()
+            },
             log_format: LogFormat::Text,
         };
         if let Ok(t) = colloquy_core::telemetry::init("testkit", &cfg) {
@@ -145,12 +149,18 @@ impl TestAppBuilder {
         self
     }
     #[must_use]
-    pub fn gateway_config(mut self, f: impl Fn(&mut GatewayConfig) + Send + Sync + 'static) -> Self {
+    pub fn gateway_config(
+        mut self,
+        f: impl Fn(&mut GatewayConfig) + Send + Sync + 'static,
+    ) -> Self {
         self.gateway = Box::new(f);
         self
     }
     #[must_use]
-    pub fn consumer_config(mut self, f: impl Fn(&mut ConsumerConfig) + Send + Sync + 'static) -> Self {
+    pub fn consumer_config(
+        mut self,
+        f: impl Fn(&mut ConsumerConfig) + Send + Sync + 'static,
+    ) -> Self {
         self.consumer = Box::new(f);
         self
     }
@@ -199,7 +209,9 @@ impl TestAppBuilder {
             gateway_cfg,
             consumer_cfg,
         };
-        colloquy_core::kafka::ensure_topics(&app.kafka(), &app.names.all_topics()).await.context("create topics")?;
+        colloquy_core::kafka::ensure_topics(&app.kafka(), &app.names.all_topics())
+            .await
+            .context("create topics")?;
         for _ in 0..self.gateways {
             let gw = app.start_gateway(0).await?;
             app.gateways.push(gw);
@@ -251,7 +263,9 @@ impl TestApp {
     /// The wiremock OpenAI (panics when the stack runs the fake LLM instead).
     #[must_use]
     pub fn mock(&self) -> &OpenAiMock {
-        self.mock.as_ref().expect("stack built with LlmChoice::Mock")
+        self.mock
+            .as_ref()
+            .expect("stack built with LlmChoice::Mock")
     }
 
     /// Starts a gateway on `port` (0 = any) and returns its handle.
@@ -261,11 +275,20 @@ impl TestApp {
     pub async fn start_gateway(&self, port: u16) -> anyhow::Result<GatewayHandle> {
         let mut cfg = self.gateway_cfg.clone();
         cfg.listen = format!("127.0.0.1:{port}").parse()?;
-        let app = colloquy_gateway::Application::build(colloquy_gateway::Settings { gateway: cfg, kafka: self.kafka(), redis: self.redis(), names: self.names.clone() }).await?;
+        let app = colloquy_gateway::Application::build(colloquy_gateway::Settings {
+            gateway: cfg,
+            kafka: self.kafka(),
+            redis: self.redis(),
+            names: self.names.clone(),
+        })
+        .await?;
         let port = app.port();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-        Ok(GatewayHandle { port, running: Some(Running { shutdown, task }) })
+        Ok(GatewayHandle {
+            port,
+            running: Some(Running { shutdown, task }),
+        })
     }
 
     /// Starts (or restarts) the ai-consumer.
@@ -281,7 +304,10 @@ impl TestApp {
         })
         .await?;
         let shutdown = CancellationToken::new();
-        self.consumer = Some(Running { task: tokio::spawn(app.run_until_stopped(shutdown.clone())), shutdown });
+        self.consumer = Some(Running {
+            task: tokio::spawn(app.run_until_stopped(shutdown.clone())),
+            shutdown,
+        });
         Ok(())
     }
 
@@ -290,9 +316,18 @@ impl TestApp {
     /// # Errors
     /// When it cannot start.
     pub async fn start_relay(&mut self) -> anyhow::Result<()> {
-        let app = colloquy_relay::Application::build(colloquy_relay::Settings { relay: RelayConfig::local(), kafka: self.kafka(), redis: self.redis(), names: self.names.clone() }).await?;
+        let app = colloquy_relay::Application::build(colloquy_relay::Settings {
+            relay: RelayConfig::local(),
+            kafka: self.kafka(),
+            redis: self.redis(),
+            names: self.names.clone(),
+        })
+        .await?;
         let shutdown = CancellationToken::new();
-        self.relay = Some(Running { task: tokio::spawn(app.run_until_stopped(shutdown.clone())), shutdown });
+        self.relay = Some(Running {
+            task: tokio::spawn(app.run_until_stopped(shutdown.clone())),
+            shutdown,
+        });
         Ok(())
     }
 
@@ -344,7 +379,12 @@ impl TestApp {
     ///
     /// # Errors
     /// When the consumer cannot be created.
-    pub async fn read_topic(&self, topic: &str, n: usize, timeout: Duration) -> anyhow::Result<Vec<(Vec<u8>, Vec<(String, String)>)>> {
+    pub async fn read_topic(
+        &self,
+        topic: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<(Vec<u8>, Vec<(String, String)>)>> {
         use rdkafka::Message;
         use rdkafka::consumer::{Consumer, StreamConsumer};
         use rdkafka::message::Headers;
@@ -358,11 +398,22 @@ impl TestApp {
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + timeout;
         while out.len() < n {
-            let Ok(msg) = tokio::time::timeout_at(deadline, consumer.recv()).await else { break };
+            let Ok(msg) = tokio::time::timeout_at(deadline, consumer.recv()).await else {
+                break;
+            };
             let msg = msg?;
             let headers = msg
                 .headers()
-                .map(|h| h.iter().map(|x| (x.key.to_owned(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())).collect())
+                .map(|h| {
+                    h.iter()
+                        .map(|x| {
+                            (
+                                x.key.to_owned(),
+                                String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
             out.push((msg.payload().unwrap_or_default().to_vec(), headers));
         }

@@ -38,7 +38,11 @@ impl Backend {
                     .stderr(Stdio::null())
                     .status()
                     .is_ok_and(|s| s.success());
-                if docker { Self::Containers } else { Self::Processes }
+                if docker {
+                    Self::Containers
+                } else {
+                    Self::Processes
+                }
             }
         }
     }
@@ -53,7 +57,13 @@ pub struct InfraOptions {
 
 enum Node {
     Container(ContainerAsync<GenericImage>),
-    Process { child: Option<Child>, program: PathBuf, args: Vec<String>, dir: PathBuf, log: PathBuf },
+    Process {
+        child: Option<Child>,
+        program: PathBuf,
+        args: Vec<String>,
+        dir: PathBuf,
+        log: PathBuf,
+    },
 }
 
 /// A running Kafka-compatible broker and Redis.
@@ -70,7 +80,11 @@ pub struct Infra {
 
 impl std::fmt::Debug for Infra {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Infra").field("backend", &self.backend).field("kafka", &self.kafka_bootstrap).field("redis", &self.redis_url).finish()
+        f.debug_struct("Infra")
+            .field("backend", &self.backend)
+            .field("kafka", &self.kafka_bootstrap)
+            .field("redis", &self.redis_url)
+            .finish()
     }
 }
 
@@ -86,9 +100,15 @@ fn tansu_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("COLLOQUY_TANSU_BIN") {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
     let cargo_bin = home.join(".cargo/bin/tansu");
-    if cargo_bin.exists() { cargo_bin } else { PathBuf::from("tansu") }
+    if cargo_bin.exists() {
+        cargo_bin
+    } else {
+        PathBuf::from("tansu")
+    }
 }
 
 impl Infra {
@@ -115,12 +135,45 @@ impl Infra {
                 start_redis_container(redis_port).await?,
             ),
             Backend::Processes => {
-                let storage = if opts.durable_kafka { "sqlite://tansu.db" } else { "memory://tansu/" };
+                let storage = if opts.durable_kafka {
+                    "sqlite://tansu.db"
+                } else {
+                    "memory://tansu/"
+                };
                 let url = format!("tcp://127.0.0.1:{kafka_port}");
-                let tansu_args = vec!["broker".into(), "--listener-url".into(), url.clone(), "--advertised-listener-url".into(), url, "--storage-engine".into(), storage.into()];
-                let redis_args = vec!["--port".into(), redis_port.to_string(), "--bind".into(), "127.0.0.1".into(), "--save".into(), String::new(), "--appendonly".into(), "no".into()];
-                let mut kafka = Node::Process { child: None, program: tansu_binary(), args: tansu_args, dir: dir.path().to_owned(), log: dir.path().join("tansu.log") };
-                let mut redis = Node::Process { child: None, program: PathBuf::from("redis-server"), args: redis_args, dir: dir.path().to_owned(), log: dir.path().join("redis.log") };
+                let tansu_args = vec![
+                    "broker".into(),
+                    "--listener-url".into(),
+                    url.clone(),
+                    "--advertised-listener-url".into(),
+                    url,
+                    "--storage-engine".into(),
+                    storage.into(),
+                ];
+                let redis_args = vec![
+                    "--port".into(),
+                    redis_port.to_string(),
+                    "--bind".into(),
+                    "127.0.0.1".into(),
+                    "--save".into(),
+                    String::new(),
+                    "--appendonly".into(),
+                    "no".into(),
+                ];
+                let mut kafka = Node::Process {
+                    child: None,
+                    program: tansu_binary(),
+                    args: tansu_args,
+                    dir: dir.path().to_owned(),
+                    log: dir.path().join("tansu.log"),
+                };
+                let mut redis = Node::Process {
+                    child: None,
+                    program: PathBuf::from("redis-server"),
+                    args: redis_args,
+                    dir: dir.path().to_owned(),
+                    log: dir.path().join("redis.log"),
+                };
                 kafka.start().await?;
                 redis.start().await?;
                 (kafka, redis)
@@ -141,8 +194,12 @@ impl Infra {
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
-        wait_port(self.redis_port, Duration::from_secs(30)).await.context("Redis did not come up")?;
-        wait_port(self.kafka_port, Duration::from_secs(60)).await.context("Kafka did not come up")?;
+        wait_port(self.redis_port, Duration::from_secs(30))
+            .await
+            .context("Redis did not come up")?;
+        wait_port(self.kafka_port, Duration::from_secs(60))
+            .await
+            .context("Kafka did not come up")?;
         Ok(())
     }
 
@@ -188,8 +245,17 @@ impl Node {
                 c.start().await.context("restart container")?;
                 Ok(())
             }
-            Self::Process { child, program, args, dir, log } => {
-                let out = std::fs::OpenOptions::new().create(true).append(true).open(&*log)?;
+            Self::Process {
+                child,
+                program,
+                args,
+                dir,
+                log,
+            } => {
+                let out = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&*log)?;
                 let spawned = Command::new(&*program)
                     .args(args.iter())
                     .current_dir(&*dir)
@@ -198,7 +264,12 @@ impl Node {
                     .stderr(out)
                     .kill_on_drop(true)
                     .spawn()
-                    .with_context(|| format!("cannot run {} (install it: scripts/install-deps.sh)", program.display()))?;
+                    .with_context(|| {
+                        format!(
+                            "cannot run {} (install it: scripts/install-deps.sh)",
+                            program.display()
+                        )
+                    })?;
                 *child = Some(spawned);
                 Ok(())
             }
@@ -208,7 +279,10 @@ impl Node {
     async fn kill(&mut self) -> anyhow::Result<()> {
         match self {
             Self::Container(c) => {
-                let status = Command::new("docker").args(["kill", "--signal", "KILL", c.id()]).status().await?;
+                let status = Command::new("docker")
+                    .args(["kill", "--signal", "KILL", c.id()])
+                    .status()
+                    .await?;
                 if !status.success() {
                     bail!("docker kill failed");
                 }
@@ -224,8 +298,13 @@ impl Node {
     }
 }
 
-async fn start_tansu_container(port: u16, opts: InfraOptions, dir: &std::path::Path) -> anyhow::Result<Node> {
-    let image = std::env::var("COLLOQUY_TANSU_IMAGE").unwrap_or_else(|_| "colloquy/tansu:local".into());
+async fn start_tansu_container(
+    port: u16,
+    opts: InfraOptions,
+    dir: &std::path::Path,
+) -> anyhow::Result<Node> {
+    let image =
+        std::env::var("COLLOQUY_TANSU_IMAGE").unwrap_or_else(|_| "colloquy/tansu:local".into());
     let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
     let mut req = GenericImage::new(name, tag)
         .with_exposed_port(9092.tcp())
@@ -236,14 +315,21 @@ async fn start_tansu_container(port: u16, opts: InfraOptions, dir: &std::path::P
     if opts.durable_kafka {
         req = req
             .with_env_var("STORAGE_ENGINE", "sqlite://tansu.db")
-            .with_mount(testcontainers::core::Mount::bind_mount(dir.display().to_string(), "/data"));
+            .with_mount(testcontainers::core::Mount::bind_mount(
+                dir.display().to_string(),
+                "/data",
+            ));
     }
-    let c = req.start().await.with_context(|| format!("cannot start {image} (build it: infra/images/build.sh)"))?;
+    let c = req
+        .start()
+        .await
+        .with_context(|| format!("cannot start {image} (build it: infra/images/build.sh)"))?;
     Ok(Node::Container(c))
 }
 
 async fn start_redis_container(port: u16) -> anyhow::Result<Node> {
-    let image = std::env::var("COLLOQUY_REDIS_IMAGE").unwrap_or_else(|_| "colloquy/redis:local".into());
+    let image =
+        std::env::var("COLLOQUY_REDIS_IMAGE").unwrap_or_else(|_| "colloquy/redis:local".into());
     let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
     let c = GenericImage::new(name, tag)
         .with_exposed_port(6379.tcp())
@@ -263,7 +349,10 @@ async fn start_redis_container(port: u16) -> anyhow::Result<Node> {
 pub async fn wait_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

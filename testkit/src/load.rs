@@ -67,7 +67,14 @@ pub struct LoadReport {
 
 impl std::fmt::Display for LoadReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "elapsed={:.2}s throughput={:.0} msg/s reconnects={} {}", self.elapsed.as_secs_f64(), self.throughput, self.reconnects, self.check)
+        write!(
+            f,
+            "elapsed={:.2}s throughput={:.0} msg/s reconnects={} {}",
+            self.elapsed.as_secs_f64(),
+            self.throughput,
+            self.reconnects,
+            self.check
+        )
     }
 }
 
@@ -80,7 +87,8 @@ pub async fn run(cfg: LoadConfig, checker: Arc<Checker>) -> LoadReport {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(cfg.timeout_secs);
     let ws_bases: Vec<String> = cfg.ws.split(',').map(str::to_owned).collect();
-    let per_user_interval = (cfg.rate > 0.0).then(|| Duration::from_secs_f64(cfg.users as f64 / cfg.rate));
+    let per_user_interval =
+        (cfg.rate > 0.0).then(|| Duration::from_secs_f64(cfg.users as f64 / cfg.rate));
     let mut tasks = Vec::with_capacity(cfg.users);
     let run_tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     for u in 0..cfg.users {
@@ -176,18 +184,26 @@ impl UserSim {
         let mut outstanding: BTreeMap<usize, bool> = BTreeMap::new();
         let mut answered: HashSet<usize> = HashSet::new();
         // Refused messages (rate limited, unavailable) to resend under the same id, not before a time.
-        let mut retry: std::collections::VecDeque<(usize, Instant)> = std::collections::VecDeque::new();
+        let mut retry: std::collections::VecDeque<(usize, Instant)> =
+            std::collections::VecDeque::new();
         let mut last_event: Option<String> = None;
         let mut conn = match self.connect(None).await {
             Ok(c) => c,
             Err(_) => return,
         };
         let mut conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
-        let mut next_send = Instant::now() + self.interval.map_or(Duration::ZERO, |i| i.mul_f64(rand::random::<f64>()));
+        let mut next_send = Instant::now()
+            + self
+                .interval
+                .map_or(Duration::ZERO, |i| i.mul_f64(rand::random::<f64>()));
         while answered.len() < self.messages && Instant::now() < self.deadline {
             // Resend refused messages whose wait is over.
-            while outstanding.len() < self.window && retry.front().is_some_and(|(_, at)| *at <= Instant::now()) {
-                let Some((n, _)) = retry.pop_front() else { break };
+            while outstanding.len() < self.window
+                && retry.front().is_some_and(|(_, at)| *at <= Instant::now())
+            {
+                let Some((n, _)) = retry.pop_front() else {
+                    break;
+                };
                 if self.send(&mut conn, n).await.is_err() {
                     retry.push_front((n, Instant::now()));
                     break;
@@ -195,7 +211,10 @@ impl UserSim {
                 outstanding.insert(n, false);
             }
             // Send while the window allows.
-            while next < self.messages && outstanding.len() < self.window && Instant::now() >= next_send {
+            while next < self.messages
+                && outstanding.len() < self.window
+                && Instant::now() >= next_send
+            {
                 if self.send(&mut conn, next).await.is_err() {
                     break;
                 }
@@ -207,12 +226,17 @@ impl UserSim {
                 }
             }
             let mut wait = if next < self.messages && outstanding.len() < self.window {
-                next_send.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))
+                next_send
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1))
             } else {
                 self.deadline.saturating_duration_since(Instant::now())
             };
             if let Some((_, at)) = retry.front() {
-                wait = wait.min(at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+                wait = wait.min(
+                    at.saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                );
             }
             let received = match conn.recv(wait).await {
                 Ok(r) => r,
@@ -224,7 +248,9 @@ impl UserSim {
                         Some(Event::Answered(n)) => {
                             answered.insert(n);
                         }
-                        Some(Event::Refused(n, after)) => retry.push_back((n, Instant::now() + after)),
+                        Some(Event::Refused(n, after)) => {
+                            retry.push_back((n, Instant::now() + after))
+                        }
                         None => {}
                     }
                 }
@@ -237,7 +263,11 @@ impl UserSim {
                     conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
                     if self.protocol == Protocol::Full {
                         // Resend what was never acked; acked ones arrive through the resume.
-                        let unacked: Vec<usize> = outstanding.iter().filter(|(_, a)| !**a).map(|(n, _)| *n).collect();
+                        let unacked: Vec<usize> = outstanding
+                            .iter()
+                            .filter(|(_, a)| !**a)
+                            .map(|(n, _)| *n)
+                            .collect();
                         for n in unacked {
                             let _ = self.send(&mut conn, n).await;
                         }
@@ -259,7 +289,13 @@ impl UserSim {
     }
 
     /// What this frame means for the message it names, if anything.
-    fn on_frame(&self, frame: ServerFrame, conn_id: u64, outstanding: &mut BTreeMap<usize, bool>, last_event: &mut Option<String>) -> Option<Event> {
+    fn on_frame(
+        &self,
+        frame: ServerFrame,
+        conn_id: u64,
+        outstanding: &mut BTreeMap<usize, bool>,
+        last_event: &mut Option<String>,
+    ) -> Option<Event> {
         match frame {
             ServerFrame::Ack { id, .. } => {
                 let n = self.number_of(&id)?;
@@ -269,7 +305,12 @@ impl UserSim {
                 }
                 None
             }
-            ServerFrame::Response { id, event_id, content, .. } => {
+            ServerFrame::Response {
+                id,
+                event_id,
+                content,
+                ..
+            } => {
                 *last_event = Some(event_id);
                 let n = match self.protocol {
                     Protocol::Full => self.number_of(&id)?,
@@ -284,7 +325,12 @@ impl UserSim {
                 outstanding.remove(&n);
                 Some(Event::Answered(n))
             }
-            ServerFrame::Error { code: ErrorCode::LlmFailed, id: Some(id), event_id, .. } => {
+            ServerFrame::Error {
+                code: ErrorCode::LlmFailed,
+                id: Some(id),
+                event_id,
+                ..
+            } => {
                 if let Some(e) = event_id {
                     *last_event = Some(e);
                 }
@@ -293,23 +339,37 @@ impl UserSim {
                 outstanding.remove(&n);
                 Some(Event::Answered(n))
             }
-            ServerFrame::Error { code: ErrorCode::RateLimited | ErrorCode::Unavailable, id: Some(id), retry_after_ms, .. } => {
+            ServerFrame::Error {
+                code: ErrorCode::RateLimited | ErrorCode::Unavailable,
+                id: Some(id),
+                retry_after_ms,
+                ..
+            } => {
                 // Not stored: resend it later under the same id.
                 let n = self.number_of(&id)?;
                 outstanding.remove(&n);
-                Some(Event::Refused(n, Duration::from_millis(retry_after_ms.unwrap_or(500))))
+                Some(Event::Refused(
+                    n,
+                    Duration::from_millis(retry_after_ms.unwrap_or(500)),
+                ))
             }
             _ => None,
         }
     }
 
     fn number_of(&self, id: &str) -> Option<usize> {
-        id.strip_prefix(&self.user)?.strip_prefix("-m")?.parse().ok()
+        id.strip_prefix(&self.user)?
+            .strip_prefix("-m")?
+            .parse()
+            .ok()
     }
 
     fn number_in_answer(&self, content: &str) -> Option<usize> {
         let at = content.find("question ")? + "question ".len();
-        let digits: String = content[at..].chars().take_while(char::is_ascii_digit).collect();
+        let digits: String = content[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
         digits.parse().ok()
     }
 }

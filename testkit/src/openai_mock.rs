@@ -31,11 +31,23 @@ pub fn stream_body(pieces: &[&str]) -> String {
         serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": "mock",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     };
-    let mut out = format!("data: {}\n\n", chunk(serde_json::json!({"role": "assistant", "content": ""}), serde_json::Value::Null));
+    let mut out = format!(
+        "data: {}\n\n",
+        chunk(
+            serde_json::json!({"role": "assistant", "content": ""}),
+            serde_json::Value::Null
+        )
+    );
     for p in pieces {
-        out.push_str(&format!("data: {}\n\n", chunk(serde_json::json!({"content": p}), serde_json::Value::Null)));
+        out.push_str(&format!(
+            "data: {}\n\n",
+            chunk(serde_json::json!({"content": p}), serde_json::Value::Null)
+        ));
     }
-    out.push_str(&format!("data: {}\n\n", chunk(serde_json::json!({}), serde_json::json!("stop"))));
+    out.push_str(&format!(
+        "data: {}\n\n",
+        chunk(serde_json::json!({}), serde_json::json!("stop"))
+    ));
     let usage = serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": "mock",
         "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": pieces.len(), "total_tokens": 5 + pieces.len()}});
     out.push_str(&format!("data: {usage}\n\ndata: [DONE]\n\n"));
@@ -50,7 +62,9 @@ fn rate_limited(retry_after_secs: u64) -> ResponseTemplate {
 
 impl OpenAiMock {
     pub async fn start() -> Self {
-        Self { server: MockServer::start().await }
+        Self {
+            server: MockServer::start().await,
+        }
     }
 
     /// The base URL to give the ai-consumer (`…/v1`).
@@ -63,7 +77,11 @@ impl OpenAiMock {
     pub async fn answer_streamed(&self, pieces: &[&str]) {
         Mock::given(method("POST"))
             .and(path(COMPLETIONS))
-            .respond_with(ResponseTemplate::new(200).insert_header("content-type", "text/event-stream").set_body_string(stream_body(pieces)))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .insert_header("content-type", "text/event-stream")
+                    .set_body_string(stream_body(pieces)),
+            )
             .with_priority(10)
             .mount(&self.server)
             .await;
@@ -77,7 +95,9 @@ impl OpenAiMock {
                 let text = last_user_message(req).unwrap_or_default();
                 let answer = format!("echo: {text}");
                 let pieces: Vec<&str> = answer.split_inclusive(' ').collect();
-                ResponseTemplate::new(200).insert_header("content-type", "text/event-stream").set_body_string(stream_body(&pieces))
+                ResponseTemplate::new(200)
+                    .insert_header("content-type", "text/event-stream")
+                    .set_body_string(stream_body(&pieces))
             })
             .with_priority(10)
             .mount(&self.server)
@@ -96,12 +116,23 @@ impl OpenAiMock {
 
     /// The next `n` requests get 429 with `Retry-After: retry_after_secs`.
     pub async fn rate_limit_next(&self, n: u64, retry_after_secs: u64) {
-        Mock::given(method("POST")).and(path(COMPLETIONS)).respond_with(rate_limited(retry_after_secs)).up_to_n_times(n).with_priority(1).mount(&self.server).await;
+        Mock::given(method("POST"))
+            .and(path(COMPLETIONS))
+            .respond_with(rate_limited(retry_after_secs))
+            .up_to_n_times(n)
+            .with_priority(1)
+            .mount(&self.server)
+            .await;
     }
 
     /// Every request gets 429 (a storm).
     pub async fn rate_limit_always(&self, retry_after_secs: u64) {
-        Mock::given(method("POST")).and(path(COMPLETIONS)).respond_with(rate_limited(retry_after_secs)).with_priority(1).mount(&self.server).await;
+        Mock::given(method("POST"))
+            .and(path(COMPLETIONS))
+            .respond_with(rate_limited(retry_after_secs))
+            .with_priority(1)
+            .mount(&self.server)
+            .await;
     }
 
     /// The next `n` requests get HTTP `status` with an OpenAI-style error body.
@@ -119,7 +150,12 @@ impl OpenAiMock {
     pub async fn slow(&self, delay: Duration, pieces: &[&str]) {
         Mock::given(method("POST"))
             .and(path(COMPLETIONS))
-            .respond_with(ResponseTemplate::new(200).insert_header("content-type", "text/event-stream").set_body_string(stream_body(pieces)).set_delay(delay))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .insert_header("content-type", "text/event-stream")
+                    .set_body_string(stream_body(pieces))
+                    .set_delay(delay),
+            )
             .with_priority(5)
             .mount(&self.server)
             .await;
@@ -135,5 +171,11 @@ impl OpenAiMock {
 #[must_use]
 pub fn last_user_message(req: &Request) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(&req.body).ok()?;
-    v["messages"].as_array()?.iter().rev().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).map(str::to_owned)
+    v["messages"]
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .and_then(|m| m["content"].as_str())
+        .map(str::to_owned)
 }

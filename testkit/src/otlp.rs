@@ -40,7 +40,9 @@ impl OtlpReceiver {
         let mut me = Self::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         me.addr = Some(listener.local_addr()?);
-        let app = Router::new().route("/v1/traces", post(receive)).with_state(Arc::clone(&me.spans));
+        let app = Router::new()
+            .route("/v1/traces", post(receive))
+            .with_state(Arc::clone(&me.spans));
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -56,7 +58,10 @@ impl OtlpReceiver {
     /// Every span received so far.
     #[must_use]
     pub fn spans(&self) -> Vec<ReceivedSpan> {
-        self.spans.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.spans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -65,7 +70,9 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 async fn receive(State(spans): State<Arc<Mutex<Vec<ReceivedSpan>>>>, body: Bytes) -> StatusCode {
-    let Ok(req) = ExportTraceServiceRequest::decode(body) else { return StatusCode::BAD_REQUEST };
+    let Ok(req) = ExportTraceServiceRequest::decode(body) else {
+        return StatusCode::BAD_REQUEST;
+    };
     let mut out = Vec::new();
     for rs in req.resource_spans {
         let service = rs
@@ -90,6 +97,9 @@ async fn receive(State(spans): State<Arc<Mutex<Vec<ReceivedSpan>>>>, body: Bytes
             }
         }
     }
-    spans.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(out);
+    spans
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .extend(out);
     StatusCode::OK
 }

@@ -38,8 +38,20 @@ pub struct Claims {
 
 impl Claims {
     #[must_use]
-    pub fn new(redis: Pool, names: Names, instance: &str, lease: Duration, done_ttl: Duration) -> Self {
-        Self { redis, names, lease_value: format!("lease:{instance}"), lease, done_ttl }
+    pub fn new(
+        redis: Pool,
+        names: Names,
+        instance: &str,
+        lease: Duration,
+        done_ttl: Duration,
+    ) -> Self {
+        Self {
+            redis,
+            names,
+            lease_value: format!("lease:{instance}"),
+            lease,
+            done_ttl,
+        }
     }
 
     /// Tries to take the lease on `msg_id`.
@@ -50,7 +62,13 @@ impl Claims {
         let key = self.names.done_key(user, msg_id);
         let set: Option<String> = self
             .redis
-            .set(&key, self.lease_value.as_str(), Some(Expiration::PX(self.lease.as_millis() as i64)), Some(SetOptions::NX), false)
+            .set(
+                &key,
+                self.lease_value.as_str(),
+                Some(Expiration::PX(self.lease.as_millis() as i64)),
+                Some(SetOptions::NX),
+                false,
+            )
             .await?;
         if set.is_some() {
             return Ok(Claim::Acquired);
@@ -72,7 +90,13 @@ impl Claims {
         let key = self.names.done_key(user, msg_id);
         let _: Option<String> = self
             .redis
-            .set(&key, self.lease_value.as_str(), Some(Expiration::PX(self.lease.as_millis() as i64)), Some(SetOptions::XX), false)
+            .set(
+                &key,
+                self.lease_value.as_str(),
+                Some(Expiration::PX(self.lease.as_millis() as i64)),
+                Some(SetOptions::XX),
+                false,
+            )
             .await?;
         Ok(())
     }
@@ -85,7 +109,13 @@ impl Claims {
         let key = self.names.done_key(user, msg_id);
         let _: Option<String> = self
             .redis
-            .set(&key, DONE, Some(Expiration::PX(self.done_ttl.as_millis() as i64)), None, false)
+            .set(
+                &key,
+                DONE,
+                Some(Expiration::PX(self.done_ttl.as_millis() as i64)),
+                None,
+                false,
+            )
             .await?;
         Ok(())
     }

@@ -24,7 +24,11 @@ pub struct ConsumerConfig {
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 50)]
     pub max_in_flight: usize,
     /// OpenAI-compatible base URL (the fake LLM of the local stack by default).
-    #[arg(long, env = "OPENAI_BASE_URL", default_value = "http://127.0.0.1:8090/v1")]
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        default_value = "http://127.0.0.1:8090/v1"
+    )]
     pub base_url: String,
     /// API key; when unset no Authorization header is sent (the fake LLM needs none).
     #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
@@ -33,7 +37,11 @@ pub struct ConsumerConfig {
     #[arg(long, env = "LLM_MODEL", default_value = "gpt-4o-mini")]
     pub model: String,
     /// System prompt sent first in every request.
-    #[arg(long, env = "SYSTEM_PROMPT", default_value = "You are a helpful assistant.")]
+    #[arg(
+        long,
+        env = "SYSTEM_PROMPT",
+        default_value = "You are a helpful assistant."
+    )]
     pub system_prompt: String,
     /// Stream the answer (deltas reach the user as they are generated).
     #[arg(long, env = "LLM_STREAM", default_value_t = true, action = clap::ArgAction::Set)]

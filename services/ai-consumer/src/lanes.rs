@@ -14,13 +14,17 @@ pub struct Lanes<J> {
 
 impl<J> Default for Lanes<J> {
     fn default() -> Self {
-        Self { lanes: Mutex::new(HashMap::new()) }
+        Self {
+            lanes: Mutex::new(HashMap::new()),
+        }
     }
 }
 
 impl<J> Lanes<J> {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, VecDeque<J>>> {
-        self.lanes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.lanes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Adds a job. Returns it back when the user's lane was idle: the caller must then run it

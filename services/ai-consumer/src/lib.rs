@@ -62,7 +62,9 @@ pub struct Application {
 
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Application").field("topic", &self.incoming_topic).finish_non_exhaustive()
+        f.debug_struct("Application")
+            .field("topic", &self.incoming_topic)
+            .finish_non_exhaustive()
     }
 }
 
@@ -72,26 +74,52 @@ impl Application {
     /// # Errors
     /// When configuration is invalid or the metrics address cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let Settings { consumer: cfg, kafka: kcfg, redis, names } = settings;
+        let Settings {
+            consumer: cfg,
+            kafka: kcfg,
+            redis,
+            names,
+        } = settings;
         colloquy_core::metrics::record_build_info("ai-consumer");
         if let Err(e) = kafka::ensure_topics(&kcfg, &names.all_topics()).await {
             tracing::warn!(error = %e, "could not ensure topics at start");
         }
         let incoming_topic = names.incoming_topic();
-        let consumer = kafka::consumer(&kcfg, "ai-consumer", &cfg.group, &[&incoming_topic]).context("Kafka consumer")?;
+        let consumer = kafka::consumer(&kcfg, "ai-consumer", &cfg.group, &[&incoming_topic])
+            .context("Kafka consumer")?;
         let producer = kafka::producer(&kcfg, "ai-consumer").context("Kafka producer")?;
-        let pool = colloquy_core::redis::pool(&redis).await.context("Redis pool")?;
+        let pool = colloquy_core::redis::pool(&redis)
+            .await
+            .context("Redis pool")?;
         let instance = uuid_like();
         let stop = CancellationToken::new();
         let metrics_addr = colloquy_core::admin::serve(cfg.metrics_listen, stop.clone())
             .await
             .with_context(|| format!("cannot listen on {}", cfg.metrics_listen))?;
-        let llm = LlmClient::new(&cfg.base_url, cfg.api_key.clone(), cfg.model.clone(), cfg.stream, cfg.request_timeout(), cfg.backoff())
-            .context("HTTP client")?;
+        let llm = LlmClient::new(
+            &cfg.base_url,
+            cfg.api_key.clone(),
+            cfg.model.clone(),
+            cfg.stream,
+            cfg.request_timeout(),
+            cfg.backoff(),
+        )
+        .context("HTTP client")?;
         let worker = Arc::new(Worker {
             llm,
-            claims: Claims::new(pool.clone(), names.clone(), &instance, Duration::from_secs(cfg.lease_secs), Duration::from_secs(cfg.done_ttl_secs)),
-            memory: Memory::new(pool, names.clone(), cfg.memory_turns, Duration::from_secs(cfg.memory_ttl_secs)),
+            claims: Claims::new(
+                pool.clone(),
+                names.clone(),
+                &instance,
+                Duration::from_secs(cfg.lease_secs),
+                Duration::from_secs(cfg.done_ttl_secs),
+            ),
+            memory: Memory::new(
+                pool,
+                names.clone(),
+                cfg.memory_turns,
+                Duration::from_secs(cfg.memory_ttl_secs),
+            ),
             producer,
             responses_topic: names.responses_topic(),
             dlq_topic: names.incoming_dlq_topic(),
@@ -127,7 +155,8 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let permits = Arc::new(Semaphore::new(self.max_in_flight));
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
-        let lanes: Arc<Lanes<(Job, tokio::sync::OwnedSemaphorePermit)>> = Arc::new(Lanes::default());
+        let lanes: Arc<Lanes<(Job, tokio::sync::OwnedSemaphorePermit)>> =
+            Arc::new(Lanes::default());
         let tasks = TaskTracker::new();
         tracing::info!(topic = %self.incoming_topic, max_in_flight = self.max_in_flight, "ai-consumer running");
         loop {
@@ -151,7 +180,8 @@ impl Application {
             };
             let (partition, offset) = (msg.partition(), msg.offset());
             lock(&tracker).start(partition, offset);
-            let traceparent = kafka::header_str(msg.headers(), headers::TRACEPARENT).map(str::to_owned);
+            let traceparent =
+                kafka::header_str(msg.headers(), headers::TRACEPARENT).map(str::to_owned);
             let enqueued_at_ms = kafka::header_str(msg.headers(), headers::ENQUEUED_AT_MS)
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(now_ms);
@@ -163,19 +193,33 @@ impl Application {
                         Some(Ok(r)) => format!("unsupported schema version {}", r.v),
                         Some(Err(e)) => format!("unreadable record: {e}"),
                     };
-                    self.dead_letter_raw(msg.payload().unwrap_or_default(), msg.key(), &reason).await;
+                    self.dead_letter_raw(msg.payload().unwrap_or_default(), msg.key(), &reason)
+                        .await;
                     self.finish(&tracker, partition, offset);
                     continue;
                 }
             };
             drop(msg);
-            let job = Job { record, partition, offset, traceparent, enqueued_at_ms };
+            let job = Job {
+                record,
+                partition,
+                offset,
+                traceparent,
+                enqueued_at_ms,
+            };
             let user = job.record.userid.clone();
             metrics::gauge!(m::LLM_IN_FLIGHT).increment(1.0);
-            let Some(first) = lanes.push(&user, (job, permit)) else { continue };
+            let Some(first) = lanes.push(&user, (job, permit)) else {
+                continue;
+            };
             // The user's lane was idle: run it until it drains.
-            let (worker, lanes, tracker, consumer, topic) =
-                (Arc::clone(&self.worker), Arc::clone(&lanes), Arc::clone(&tracker), Arc::clone(&self.consumer), self.incoming_topic.clone());
+            let (worker, lanes, tracker, consumer, topic) = (
+                Arc::clone(&self.worker),
+                Arc::clone(&lanes),
+                Arc::clone(&tracker),
+                Arc::clone(&self.consumer),
+                self.incoming_topic.clone(),
+            );
             tasks.spawn(async move {
                 let mut next = Some(first);
                 while let Some((job, permit)) = next {
@@ -197,7 +241,10 @@ impl Application {
         tracing::info!("ai-consumer stopping: abandoning unfinished work");
         self.stop.cancel();
         tasks.close();
-        if tokio::time::timeout(self.grace, tasks.wait()).await.is_err() {
+        if tokio::time::timeout(self.grace, tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("workers did not stop within the grace period");
         }
         let consumer = Arc::clone(&self.consumer);
@@ -214,13 +261,24 @@ impl Application {
     }
 
     fn finish(&self, tracker: &Mutex<OffsetTracker>, partition: i32, offset: i64) {
-        store(&self.consumer, &self.incoming_topic, tracker, partition, offset);
+        store(
+            &self.consumer,
+            &self.incoming_topic,
+            tracker,
+            partition,
+            offset,
+        );
     }
 
     async fn dead_letter_raw(&self, payload: &[u8], key: Option<&[u8]>, reason: &str) {
         tracing::warn!(%reason, "record dead-lettered");
-        let headers = rdkafka::message::OwnedHeaders::new().insert(Header { key: "dlq_reason", value: Some(reason) });
-        let mut record = FutureRecord::to(&self.worker.dlq_topic).payload(payload).headers(headers);
+        let headers = rdkafka::message::OwnedHeaders::new().insert(Header {
+            key: "dlq_reason",
+            value: Some(reason),
+        });
+        let mut record = FutureRecord::to(&self.worker.dlq_topic)
+            .payload(payload)
+            .headers(headers);
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -231,7 +289,8 @@ impl Application {
                 tracing::error!(error = %e, %reason, "dead letter not written");
             }
         }
-        metrics::counter!(m::MESSAGES, "service" => "ai-consumer", "outcome" => "dead_lettered").increment(1);
+        metrics::counter!(m::MESSAGES, "service" => "ai-consumer", "outcome" => "dead_lettered")
+            .increment(1);
     }
 }
 
@@ -239,8 +298,16 @@ fn lock(t: &Mutex<OffsetTracker>) -> std::sync::MutexGuard<'_, OffsetTracker> {
     t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn store(consumer: &StreamConsumer<ObservedContext>, topic: &str, tracker: &Mutex<OffsetTracker>, partition: i32, offset: i64) {
-    let Some(next) = lock(tracker).finish(partition, offset) else { return };
+fn store(
+    consumer: &StreamConsumer<ObservedContext>,
+    topic: &str,
+    tracker: &Mutex<OffsetTracker>,
+    partition: i32,
+    offset: i64,
+) {
+    let Some(next) = lock(tracker).finish(partition, offset) else {
+        return;
+    };
     // librdkafka stores `offset + 1`: pass the last finished offset.
     if let Err(e) = consumer.store_offset(topic, partition, next - 1) {
         // The partition was revoked meanwhile; its new owner will redo the unstored work.

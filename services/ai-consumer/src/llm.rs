@@ -7,9 +7,10 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use async_openai::types::chat::{
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
-    ChatCompletionRequestUserMessage, ChatCompletionStreamOptions, CreateChatCompletionRequest,
-    CreateChatCompletionResponse, CreateChatCompletionStreamResponse,
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
+    ChatCompletionStreamOptions, CreateChatCompletionRequest, CreateChatCompletionResponse,
+    CreateChatCompletionStreamResponse,
 };
 use futures::StreamExt;
 use reqwest::StatusCode;
@@ -49,7 +50,10 @@ pub struct Answer {
 pub enum LlmError {
     /// Not worth retrying (400/401/403/404, `insufficient_quota`, unreadable answer).
     #[error("LLM refused the request ({class}): {message}")]
-    Fatal { class: &'static str, message: String },
+    Fatal {
+        class: &'static str,
+        message: String,
+    },
     /// Every attempt failed with a retryable error.
     #[error("LLM failed after {attempts} attempts; last error: {last}")]
     Exhausted { attempts: u32, last: String },
@@ -70,8 +74,15 @@ impl LlmError {
 #[derive(Debug)]
 enum Attempt {
     Done(Answer),
-    Retry { reason: &'static str, retry_after: Option<Duration>, detail: String },
-    Fatal { class: &'static str, message: String },
+    Retry {
+        reason: &'static str,
+        retry_after: Option<Duration>,
+        detail: String,
+    },
+    Fatal {
+        class: &'static str,
+        message: String,
+    },
 }
 
 /// Receives streamed text; `restart` is called when a retry begins after partial output.
@@ -134,9 +145,15 @@ impl LlmClient {
         let messages = turns
             .iter()
             .map(|t| match t.role {
-                Role::System => ChatCompletionRequestMessage::from(ChatCompletionRequestSystemMessage::from(t.content.as_str())),
-                Role::User => ChatCompletionRequestMessage::from(ChatCompletionRequestUserMessage::from(t.content.clone())),
-                Role::Assistant => ChatCompletionRequestMessage::from(ChatCompletionRequestAssistantMessage::from(t.content.as_str())),
+                Role::System => ChatCompletionRequestMessage::from(
+                    ChatCompletionRequestSystemMessage::from(t.content.as_str()),
+                ),
+                Role::User => ChatCompletionRequestMessage::from(
+                    ChatCompletionRequestUserMessage::from(t.content.clone()),
+                ),
+                Role::Assistant => ChatCompletionRequestMessage::from(
+                    ChatCompletionRequestAssistantMessage::from(t.content.as_str()),
+                ),
             })
             .collect();
         CreateChatCompletionRequest {
@@ -173,16 +190,22 @@ impl LlmClient {
             attempts += 1;
             before_attempt(attempts).await;
             let started = Instant::now();
-            let outcome = match tokio::time::timeout(self.timeout, self.attempt(&body, deltas)).await {
-                Ok(o) => o,
-                Err(_) => {
-                    metrics::counter!(m::LLM_REQUESTS, "status" => "timeout").increment(1);
-                    Attempt::Retry { reason: "timeout", retry_after: None, detail: format!("no answer within {:?}", self.timeout) }
-                }
-            };
+            let outcome =
+                match tokio::time::timeout(self.timeout, self.attempt(&body, deltas)).await {
+                    Ok(o) => o,
+                    Err(_) => {
+                        metrics::counter!(m::LLM_REQUESTS, "status" => "timeout").increment(1);
+                        Attempt::Retry {
+                            reason: "timeout",
+                            retry_after: None,
+                            detail: format!("no answer within {:?}", self.timeout),
+                        }
+                    }
+                };
             match outcome {
                 Attempt::Done(mut answer) => {
-                    metrics::histogram!(m::STAGE_LATENCY, "stage" => "llm").record(started.elapsed().as_secs_f64());
+                    metrics::histogram!(m::STAGE_LATENCY, "stage" => "llm")
+                        .record(started.elapsed().as_secs_f64());
                     answer.attempts = attempts;
                     return Ok(answer);
                 }
@@ -190,9 +213,17 @@ impl LlmClient {
                     tracing::warn!(attempt = attempts, class, %message, "LLM call failed for good");
                     return Err(LlmError::Fatal { class, message });
                 }
-                Attempt::Retry { reason, retry_after, detail } => {
-                    let Some(delay) = self.backoff.delay(attempts, retry_after, &mut rand::rng()) else {
-                        return Err(LlmError::Exhausted { attempts, last: detail });
+                Attempt::Retry {
+                    reason,
+                    retry_after,
+                    detail,
+                } => {
+                    let Some(delay) = self.backoff.delay(attempts, retry_after, &mut rand::rng())
+                    else {
+                        return Err(LlmError::Exhausted {
+                            attempts,
+                            last: detail,
+                        });
                     };
                     metrics::counter!(m::LLM_RETRIES, "reason" => reason).increment(1);
                     tracing::info!(attempt = attempts, reason, %detail, delay_ms = delay.as_millis() as u64, "LLM call will be retried");
@@ -203,7 +234,11 @@ impl LlmClient {
         }
     }
 
-    async fn attempt(&self, body: &CreateChatCompletionRequest, deltas: &mut dyn DeltaSink) -> Attempt {
+    async fn attempt(
+        &self,
+        body: &CreateChatCompletionRequest,
+        deltas: &mut dyn DeltaSink,
+    ) -> Attempt {
         let mut req = self.http.post(&self.url).json(body);
         if let Some(key) = &self.api_key {
             req = req.bearer_auth(key.expose_secret());
@@ -212,7 +247,11 @@ impl LlmClient {
             Ok(r) => r,
             Err(e) => {
                 metrics::counter!(m::LLM_REQUESTS, "status" => "transport").increment(1);
-                return Attempt::Retry { reason: "transport", retry_after: None, detail: e.to_string() };
+                return Attempt::Retry {
+                    reason: "transport",
+                    retry_after: None,
+                    detail: e.to_string(),
+                };
             }
         };
         let status = resp.status();
@@ -227,13 +266,28 @@ impl LlmClient {
         } else {
             match resp.json::<CreateChatCompletionResponse>().await {
                 Ok(r) => {
-                    let content = r.choices.first().and_then(|c| c.message.content.clone()).unwrap_or_default();
-                    let (p, c) = r.usage.map_or((0, 0), |u| (u.prompt_tokens, u.completion_tokens));
+                    let content = r
+                        .choices
+                        .first()
+                        .and_then(|c| c.message.content.clone())
+                        .unwrap_or_default();
+                    let (p, c) = r
+                        .usage
+                        .map_or((0, 0), |u| (u.prompt_tokens, u.completion_tokens));
                     deltas.text(&content);
                     record_tokens(p, c);
-                    Attempt::Done(Answer { content, prompt_tokens: p, completion_tokens: c, attempts: 0 })
+                    Attempt::Done(Answer {
+                        content,
+                        prompt_tokens: p,
+                        completion_tokens: c,
+                        attempts: 0,
+                    })
                 }
-                Err(e) => Attempt::Retry { reason: "bad_body", retry_after: None, detail: e.to_string() },
+                Err(e) => Attempt::Retry {
+                    reason: "bad_body",
+                    retry_after: None,
+                    detail: e.to_string(),
+                },
             }
         }
     }
@@ -267,12 +321,26 @@ struct LooseUsage {
 
 fn parse_chunk(data: &str) -> Option<(Option<String>, Option<(u32, u32)>)> {
     if let Ok(c) = serde_json::from_str::<CreateChatCompletionStreamResponse>(data) {
-        let text = c.choices.into_iter().filter_map(|ch| ch.delta.content).reduce(|a, b| a + &b);
-        return Some((text, c.usage.map(|u| (u.prompt_tokens, u.completion_tokens))));
+        let text = c
+            .choices
+            .into_iter()
+            .filter_map(|ch| ch.delta.content)
+            .reduce(|a, b| a + &b);
+        return Some((
+            text,
+            c.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+        ));
     }
     let c = serde_json::from_str::<LooseChunk>(data).ok()?;
-    let text = c.choices.into_iter().filter_map(|ch| ch.delta.and_then(|d| d.content)).reduce(|a, b| a + &b);
-    Some((text, c.usage.map(|u| (u.prompt_tokens, u.completion_tokens))))
+    let text = c
+        .choices
+        .into_iter()
+        .filter_map(|ch| ch.delta.and_then(|d| d.content))
+        .reduce(|a, b| a + &b);
+    Some((
+        text,
+        c.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+    ))
 }
 
 async fn read_stream(resp: reqwest::Response, deltas: &mut dyn DeltaSink) -> Attempt {
@@ -285,14 +353,25 @@ async fn read_stream(resp: reqwest::Response, deltas: &mut dyn DeltaSink) -> Att
         while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
             let Ok(line) = std::str::from_utf8(&line) else {
-                return Attempt::Retry { reason: "bad_body", retry_after: None, detail: "stream is not UTF-8".into() };
+                return Attempt::Retry {
+                    reason: "bad_body",
+                    retry_after: None,
+                    detail: "stream is not UTF-8".into(),
+                };
             };
-            let Some(data) = line.trim_end().strip_prefix("data:") else { continue };
+            let Some(data) = line.trim_end().strip_prefix("data:") else {
+                continue;
+            };
             let data = data.trim_start();
             if data == "[DONE]" {
                 let (p, c) = usage.unwrap_or((0, 0));
                 record_tokens(p, c);
-                return Attempt::Done(Answer { content, prompt_tokens: p, completion_tokens: c, attempts: 0 });
+                return Attempt::Done(Answer {
+                    content,
+                    prompt_tokens: p,
+                    completion_tokens: c,
+                    attempts: 0,
+                });
             }
             match parse_chunk(data) {
                 Some((text, u)) => {
@@ -308,16 +387,30 @@ async fn read_stream(resp: reqwest::Response, deltas: &mut dyn DeltaSink) -> Att
                     if let Ok(err) = serde_json::from_str::<serde_json::Value>(data)
                         && err.get("error").is_some()
                     {
-                        return Attempt::Retry { reason: "stream_error", retry_after: None, detail: data.chars().take(200).collect() };
+                        return Attempt::Retry {
+                            reason: "stream_error",
+                            retry_after: None,
+                            detail: data.chars().take(200).collect(),
+                        };
                     }
                 }
             }
         }
         match body.next().await {
             Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
-            Some(Err(e)) => return Attempt::Retry { reason: "stream", retry_after: None, detail: e.to_string() },
+            Some(Err(e)) => {
+                return Attempt::Retry {
+                    reason: "stream",
+                    retry_after: None,
+                    detail: e.to_string(),
+                };
+            }
             None => {
-                return Attempt::Retry { reason: "stream", retry_after: None, detail: "stream ended before [DONE]".into() };
+                return Attempt::Retry {
+                    reason: "stream",
+                    retry_after: None,
+                    detail: "stream ended before [DONE]".into(),
+                };
             }
         }
     }
@@ -334,15 +427,43 @@ fn status_class(status: StatusCode) -> &'static str {
 }
 
 fn classify_failure(status: StatusCode, retry_after: Option<Duration>, body: &str) -> Attempt {
-    let detail = format!("HTTP {}: {}", status.as_u16(), body.chars().take(300).collect::<String>());
+    let detail = format!(
+        "HTTP {}: {}",
+        status.as_u16(),
+        body.chars().take(300).collect::<String>()
+    );
     match status.as_u16() {
-        429 if body.contains("insufficient_quota") => Attempt::Fatal { class: "insufficient_quota", message: detail },
-        429 => Attempt::Retry { reason: "429", retry_after, detail },
-        408 | 409 => Attempt::Retry { reason: "4xx_retryable", retry_after, detail },
-        400 => Attempt::Fatal { class: "bad_request", message: detail },
-        401 | 403 => Attempt::Fatal { class: "auth", message: detail },
-        400..=499 => Attempt::Fatal { class: "client_error", message: detail },
-        _ => Attempt::Retry { reason: "5xx", retry_after, detail },
+        429 if body.contains("insufficient_quota") => Attempt::Fatal {
+            class: "insufficient_quota",
+            message: detail,
+        },
+        429 => Attempt::Retry {
+            reason: "429",
+            retry_after,
+            detail,
+        },
+        408 | 409 => Attempt::Retry {
+            reason: "4xx_retryable",
+            retry_after,
+            detail,
+        },
+        400 => Attempt::Fatal {
+            class: "bad_request",
+            message: detail,
+        },
+        401 | 403 => Attempt::Fatal {
+            class: "auth",
+            message: detail,
+        },
+        400..=499 => Attempt::Fatal {
+            class: "client_error",
+            message: detail,
+        },
+        _ => Attempt::Retry {
+            reason: "5xx",
+            retry_after,
+            detail,
+        },
     }
 }
 
@@ -372,7 +493,10 @@ mod tests {
     fn retry_after_reads_seconds_and_dates() {
         let mut h = HeaderMap::new();
         h.insert(RETRY_AFTER, HeaderValue::from_static("3"));
-        assert_eq!(retry_after(&h, SystemTime::now()), Some(Duration::from_secs(3)));
+        assert_eq!(
+            retry_after(&h, SystemTime::now()),
+            Some(Duration::from_secs(3))
+        );
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let later = httpdate::fmt_http_date(now + Duration::from_secs(7));
         h.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
@@ -383,21 +507,44 @@ mod tests {
 
     #[test]
     fn failures_are_classified() {
-        assert!(matches!(classify_failure(StatusCode::TOO_MANY_REQUESTS, None, "{}"), Attempt::Retry { reason: "429", .. }));
         assert!(matches!(
-            classify_failure(StatusCode::TOO_MANY_REQUESTS, None, r#"{"error":{"code":"insufficient_quota"}}"#),
-            Attempt::Fatal { class: "insufficient_quota", .. }
+            classify_failure(StatusCode::TOO_MANY_REQUESTS, None, "{}"),
+            Attempt::Retry { reason: "429", .. }
         ));
-        assert!(matches!(classify_failure(StatusCode::BAD_REQUEST, None, ""), Attempt::Fatal { class: "bad_request", .. }));
-        assert!(matches!(classify_failure(StatusCode::UNAUTHORIZED, None, ""), Attempt::Fatal { class: "auth", .. }));
-        assert!(matches!(classify_failure(StatusCode::SERVICE_UNAVAILABLE, None, ""), Attempt::Retry { reason: "5xx", .. }));
+        assert!(matches!(
+            classify_failure(
+                StatusCode::TOO_MANY_REQUESTS,
+                None,
+                r#"{"error":{"code":"insufficient_quota"}}"#
+            ),
+            Attempt::Fatal {
+                class: "insufficient_quota",
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify_failure(StatusCode::BAD_REQUEST, None, ""),
+            Attempt::Fatal {
+                class: "bad_request",
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify_failure(StatusCode::UNAUTHORIZED, None, ""),
+            Attempt::Fatal { class: "auth", .. }
+        ));
+        assert!(matches!(
+            classify_failure(StatusCode::SERVICE_UNAVAILABLE, None, ""),
+            Attempt::Retry { reason: "5xx", .. }
+        ));
     }
 
     #[test]
     fn chunks_parse_strictly_or_loosely() {
         let loose = r#"{"choices":[{"delta":{"content":"hi"}}]}"#;
         assert_eq!(parse_chunk(loose), Some((Some("hi".into()), None)));
-        let usage = r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let usage =
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
         assert_eq!(parse_chunk(usage), Some((None, Some((3, 4)))));
     }
 }

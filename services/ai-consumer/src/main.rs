@@ -26,8 +26,15 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = colloquy_core::telemetry::init("ai-consumer", &cli.telemetry).context("telemetry")?;
+    let _telemetry =
+        colloquy_core::telemetry::init("ai-consumer", &cli.telemetry).context("telemetry")?;
     let shutdown = colloquy_core::shutdown::on_signal();
-    let app = Application::build(Settings { consumer: cli.consumer, kafka: cli.kafka, redis: cli.redis, names: cli.names }).await?;
+    let app = Application::build(Settings {
+        consumer: cli.consumer,
+        kafka: cli.kafka,
+        redis: cli.redis,
+        names: cli.names,
+    })
+    .await?;
     app.run_until_stopped(shutdown).await
 }

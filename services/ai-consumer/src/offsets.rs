@@ -22,7 +22,11 @@ pub struct OffsetTracker {
 impl OffsetTracker {
     /// Records that work on `offset` began.
     pub fn start(&mut self, partition: i32, offset: i64) {
-        self.partitions.entry(partition).or_default().in_flight.insert(offset);
+        self.partitions
+            .entry(partition)
+            .or_default()
+            .in_flight
+            .insert(offset);
     }
 
     /// Records that work on `offset` finished; returns the offset to store (the next one to

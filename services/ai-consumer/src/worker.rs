@@ -56,7 +56,9 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("responses_topic", &self.responses_topic).finish_non_exhaustive()
+        f.debug_struct("Worker")
+            .field("responses_topic", &self.responses_topic)
+            .finish_non_exhaustive()
     }
 }
 
@@ -94,7 +96,9 @@ impl Worker {
         let history = self.memory.recent(&r.userid);
         let claimed = async {
             loop {
-                let claim = self.retry_redis("claim", || self.claims.claim(&r.userid, &r.msg_id)).await;
+                let claim = self
+                    .retry_redis("claim", || self.claims.claim(&r.userid, &r.msg_id))
+                    .await;
                 match claim {
                     None => return Err(Handled::Abandoned),
                     Some(Claim::Acquired) => return Ok(()),
@@ -117,7 +121,10 @@ impl Worker {
             return handled;
         }
         // 2. Memory (best effort: an answer without context beats no answer).
-        let mut turns = vec![Turn { role: Role::System, content: self.system_prompt.clone() }];
+        let mut turns = vec![Turn {
+            role: Role::System,
+            content: self.system_prompt.clone(),
+        }];
         match history {
             Ok(history) => turns.extend(history),
             Err(e) => {
@@ -125,7 +132,10 @@ impl Worker {
                 tracing::warn!(error = %e, "memory unavailable; answering without it");
             }
         }
-        turns.push(Turn { role: Role::User, content: r.content.clone() });
+        turns.push(Turn {
+            role: Role::User,
+            content: r.content.clone(),
+        });
 
         // 3. The LLM call, with deltas streamed to `responses`.
         let call_span = tracing::info_span!("llm.chat", otel.kind = "client", gen_ai.system = "openai", gen_ai.request.model = %self.llm_model(), gen_ai.attempts = tracing::field::Empty);
@@ -136,7 +146,9 @@ impl Worker {
             let this = Arc::clone(self);
             let (u, mid) = (r.userid.clone(), r.msg_id.clone());
             async move {
-                if attempt > 1 && let Err(e) = this.claims.renew(&u, &mid).await {
+                if attempt > 1
+                    && let Err(e) = this.claims.renew(&u, &mid).await
+                {
                     tracing::warn!(error = %e, "lease renewal failed");
                 }
             }
@@ -153,7 +165,11 @@ impl Worker {
         let (body, handled, answer) = match result {
             Ok(a) => {
                 call_span.record("gen_ai.attempts", a.attempts);
-                let body = ResponseBody::Final { content: a.content.clone(), prompt_tokens: a.prompt_tokens, completion_tokens: a.completion_tokens };
+                let body = ResponseBody::Final {
+                    content: a.content.clone(),
+                    prompt_tokens: a.prompt_tokens,
+                    completion_tokens: a.completion_tokens,
+                };
                 (body, Handled::Answered, Some(a.content))
             }
             Err(e) => {
@@ -162,7 +178,13 @@ impl Worker {
                 if !self.dead_letter(job, &e).await {
                     return Handled::Abandoned;
                 }
-                (ResponseBody::Failed { reason: user_reason(&e) }, Handled::Failed, None)
+                (
+                    ResponseBody::Failed {
+                        reason: user_reason(&e),
+                    },
+                    Handled::Failed,
+                    None,
+                )
             }
         };
         if !self.produce_response(job, body).await {
@@ -207,7 +229,8 @@ impl Worker {
             match f().await {
                 Ok(v) => return Some(v),
                 Err(e) => {
-                    metrics::counter!(m::REDIS_ERRORS, "service" => "ai-consumer", "op" => op).increment(1);
+                    metrics::counter!(m::REDIS_ERRORS, "service" => "ai-consumer", "op" => op)
+                        .increment(1);
                     tracing::warn!(op, error = %e, "Redis failed; retrying");
                     self.sleep(delay).await.ok()?;
                     delay = (delay * 2).min(Duration::from_secs(2));
@@ -218,22 +241,42 @@ impl Worker {
 
     async fn produce_response(&self, job: &Job, body: ResponseBody) -> bool {
         let r = &job.record;
-        let record = ResponseRecord { v: SCHEMA_VERSION, msg_id: r.msg_id.clone(), userid: r.userid.clone(), received_at_ms: r.received_at_ms, body };
-        let Ok(payload) = serde_json::to_vec(&record) else { return false };
+        let record = ResponseRecord {
+            v: SCHEMA_VERSION,
+            msg_id: r.msg_id.clone(),
+            userid: r.userid.clone(),
+            received_at_ms: r.received_at_ms,
+            body,
+        };
+        let Ok(payload) = serde_json::to_vec(&record) else {
+            return false;
+        };
         let span = tracing::info_span!("kafka.produce", otel.kind = "producer", messaging.system = "kafka", messaging.destination.name = %self.responses_topic);
         let tp = traceparent_of(&span);
-        self.produce(&self.responses_topic, r.userid.as_str(), &payload, kafka::record_headers(tp.as_deref(), &r.msg_id, now_ms()))
-            .instrument(span)
-            .await
+        self.produce(
+            &self.responses_topic,
+            r.userid.as_str(),
+            &payload,
+            kafka::record_headers(tp.as_deref(), &r.msg_id, now_ms()),
+        )
+        .instrument(span)
+        .await
     }
 
     async fn dead_letter(&self, job: &Job, e: &LlmError) -> bool {
         let r = &job.record;
-        let Ok(payload) = serde_json::to_vec(r) else { return false };
+        let Ok(payload) = serde_json::to_vec(r) else {
+            return false;
+        };
         let reason = e.to_string();
         let headers = kafka::record_headers(job.traceparent.as_deref(), &r.msg_id, now_ms())
-            .insert(Header { key: "dlq_reason", value: Some(reason.as_str()) });
-        let ok = self.produce(&self.dlq_topic, r.userid.as_str(), &payload, headers).await;
+            .insert(Header {
+                key: "dlq_reason",
+                value: Some(reason.as_str()),
+            });
+        let ok = self
+            .produce(&self.dlq_topic, r.userid.as_str(), &payload, headers)
+            .await;
         if ok {
             metrics::counter!(m::DLQ_WRITES, "service" => "ai-consumer", "topic" => self.dlq_topic.clone()).increment(1);
         }
@@ -244,7 +287,10 @@ impl Worker {
     async fn produce(&self, topic: &str, key: &str, payload: &[u8], headers: OwnedHeaders) -> bool {
         let mut delay = Duration::from_millis(100);
         loop {
-            let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers.clone());
+            let record = FutureRecord::to(topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers.clone());
             let started = Instant::now();
             let sent = tokio::select! {
                 r = self.producer.send(record, Timeout::After(self.produce_timeout)) => r,
@@ -252,7 +298,11 @@ impl Worker {
             };
             match sent {
                 Ok(_) => {
-                    tracing::trace!(topic, elapsed_ms = started.elapsed().as_millis() as u64, "produced");
+                    tracing::trace!(
+                        topic,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "produced"
+                    );
                     return true;
                 }
                 Err((e, _)) => {
@@ -272,7 +322,9 @@ impl Worker {
 fn user_reason(e: &LlmError) -> String {
     match e {
         LlmError::Fatal { class, .. } => format!("the model refused the request ({class})"),
-        LlmError::Exhausted { attempts, .. } => format!("the model is unavailable (gave up after {attempts} attempts)"),
+        LlmError::Exhausted { attempts, .. } => {
+            format!("the model is unavailable (gave up after {attempts} attempts)")
+        }
     }
 }
 
@@ -290,7 +342,15 @@ struct DeltaBatcher<'a> {
 
 impl<'a> DeltaBatcher<'a> {
     fn new(worker: &'a Worker, job: &'a Job) -> Self {
-        Self { worker, job, traceparent: traceparent_of(&tracing::Span::current()), seq: 0, buf: String::new(), pieces: 0, last: Instant::now() }
+        Self {
+            worker,
+            job,
+            traceparent: traceparent_of(&tracing::Span::current()),
+            seq: 0,
+            buf: String::new(),
+            pieces: 0,
+            last: Instant::now(),
+        }
     }
 
     fn flush(&mut self) {
@@ -303,18 +363,27 @@ impl<'a> DeltaBatcher<'a> {
             msg_id: r.msg_id.clone(),
             userid: r.userid.clone(),
             received_at_ms: r.received_at_ms,
-            body: ResponseBody::Delta { seq: self.seq, content: std::mem::take(&mut self.buf) },
+            body: ResponseBody::Delta {
+                seq: self.seq,
+                content: std::mem::take(&mut self.buf),
+            },
         };
         self.seq += 1;
         self.pieces = 0;
         self.last = Instant::now();
-        let Ok(payload) = serde_json::to_vec(&record) else { return };
+        let Ok(payload) = serde_json::to_vec(&record) else {
+            return;
+        };
         let headers = kafka::record_headers(self.traceparent.as_deref(), &r.msg_id, now_ms());
-        let fr = FutureRecord::to(&self.worker.responses_topic).key(r.userid.as_str()).payload(&payload).headers(headers);
+        let fr = FutureRecord::to(&self.worker.responses_topic)
+            .key(r.userid.as_str())
+            .payload(&payload)
+            .headers(headers);
         // Deltas are a preview: the final record carries the whole answer, so a delta that
         // cannot be queued is counted and dropped rather than delaying the answer.
         if let Err((e, _)) = self.worker.producer.send_result(fr) {
-            metrics::counter!(m::KAFKA_ERRORS, "service" => "ai-consumer", "op" => "produce_delta").increment(1);
+            metrics::counter!(m::KAFKA_ERRORS, "service" => "ai-consumer", "op" => "produce_delta")
+                .increment(1);
             tracing::debug!(error = %e, "delta not queued");
         }
     }
@@ -324,7 +393,9 @@ impl DeltaSink for DeltaBatcher<'_> {
     fn text(&mut self, piece: &str) {
         self.buf.push_str(piece);
         self.pieces += 1;
-        if self.pieces >= self.worker.delta_batch_tokens || self.last.elapsed() >= self.worker.delta_batch {
+        if self.pieces >= self.worker.delta_batch_tokens
+            || self.last.elapsed() >= self.worker.delta_batch
+        {
             self.flush();
         }
     }

@@ -11,19 +11,35 @@ use clap::Args;
 #[derive(Clone, Debug, Args)]
 pub struct KafkaConfig {
     /// Bootstrap servers, comma separated.
-    #[arg(long = "kafka-bootstrap-servers", env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long = "kafka-bootstrap-servers",
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
     pub bootstrap_servers: String,
     /// Partitions of each topic when the service creates it.
-    #[arg(long = "kafka-partitions", env = "KAFKA_PARTITIONS", default_value_t = 8)]
+    #[arg(
+        long = "kafka-partitions",
+        env = "KAFKA_PARTITIONS",
+        default_value_t = 8
+    )]
     pub partitions: i32,
     /// Longest a produce may take before the client is told `unavailable` (ms).
-    #[arg(long = "kafka-produce-timeout-ms", env = "KAFKA_PRODUCE_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(
+        long = "kafka-produce-timeout-ms",
+        env = "KAFKA_PRODUCE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
     pub produce_timeout_ms: u64,
     /// How long the producer waits to batch records (ms).
     #[arg(long = "kafka-linger-ms", env = "KAFKA_LINGER_MS", default_value_t = 2)]
     pub linger_ms: u64,
     /// Longest a consumer fetch waits for data (ms). Keep it low: tansu waits the full time on every fetch.
-    #[arg(long = "kafka-fetch-wait-max-ms", env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 5)]
+    #[arg(
+        long = "kafka-fetch-wait-max-ms",
+        env = "KAFKA_FETCH_WAIT_MAX_MS",
+        default_value_t = 5
+    )]
     pub fetch_wait_max_ms: u64,
 }
 
@@ -50,13 +66,21 @@ impl KafkaConfig {
 #[derive(Clone, Debug, Args)]
 pub struct RedisConfig {
     /// Redis URL.
-    #[arg(long = "redis-url", env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long = "redis-url",
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub url: String,
     /// Connections in the command pool.
     #[arg(long = "redis-pool-size", env = "REDIS_POOL_SIZE", default_value_t = 4)]
     pub pool_size: usize,
     /// Longest a Redis command may take (ms) before it counts as failed.
-    #[arg(long = "redis-command-timeout-ms", env = "REDIS_COMMAND_TIMEOUT_MS", default_value_t = 2_000)]
+    #[arg(
+        long = "redis-command-timeout-ms",
+        env = "REDIS_COMMAND_TIMEOUT_MS",
+        default_value_t = 2_000
+    )]
     pub command_timeout_ms: u64,
 }
 
@@ -75,7 +99,10 @@ impl RedisConfig {
 #[derive(Clone, Debug, Args, Default)]
 pub struct TelemetryConfig {
     /// OTLP/HTTP endpoint for traces (e.g. http://127.0.0.1:4318); traces are not exported when unset.
-    #[arg(long = "otel-exporter-otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    #[arg(
+        long = "otel-exporter-otlp-endpoint",
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )]
     pub otlp_endpoint: Option<String>,
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long = "log", env = "RUST_LOG", default_value = "info")]

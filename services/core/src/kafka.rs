@@ -127,7 +127,8 @@ impl ConsumerContext for ObservedContext {
             Ok(()) => tracing::trace!(service = self.service, ?offsets, "offsets committed"),
             Err(rdkafka::error::KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
-                metrics::counter!(m::KAFKA_ERRORS, "service" => self.service, "op" => "commit").increment(1);
+                metrics::counter!(m::KAFKA_ERRORS, "service" => self.service, "op" => "commit")
+                    .increment(1);
                 tracing::warn!(service = self.service, error = %e, "offset commit failed");
             }
         }
@@ -184,7 +185,11 @@ pub async fn is_reachable(producer: &FutureProducer, timeout: Duration) -> bool 
 
 /// Headers carried by every record: W3C trace context, message id and enqueue time.
 #[must_use]
-pub fn record_headers(traceparent: Option<&str>, msg_id: &str, enqueued_at_ms: i64) -> OwnedHeaders {
+pub fn record_headers(
+    traceparent: Option<&str>,
+    msg_id: &str,
+    enqueued_at_ms: i64,
+) -> OwnedHeaders {
     let enqueued = enqueued_at_ms.to_string();
     let mut h = OwnedHeaders::new_with_capacity(3).insert(Header {
         key: crate::records::headers::MSG_ID,

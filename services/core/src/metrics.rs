@@ -300,7 +300,11 @@ pub fn record_build_info(service: &'static str) {
         let mut labels: Vec<metrics::Label> = Vec::with_capacity(def.labels.len());
         let mut values = values.iter();
         for l in def.labels {
-            let v = if *l == "service" { service } else { values.next().copied().unwrap_or("none") };
+            let v = if *l == "service" {
+                service
+            } else {
+                values.next().copied().unwrap_or("none")
+            };
             labels.push(metrics::Label::new(*l, v));
         }
         match def.kind {
@@ -362,7 +366,9 @@ mod tests {
             if std::env::var_os("UPDATE_DOCS").is_some() {
                 std::fs::write(path, &rendered).expect("write docs/metrics.md");
             } else {
-                panic!("docs/metrics.md is stale: run `UPDATE_DOCS=1 cargo test -p colloquy-core` and commit it");
+                panic!(
+                    "docs/metrics.md is stale: run `UPDATE_DOCS=1 cargo test -p colloquy-core` and commit it"
+                );
             }
         }
     }
@@ -387,7 +393,11 @@ mod tests {
         assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
         assert!(LATENCY_BUCKETS.contains(&0.001) && LATENCY_BUCKETS.contains(&60.0));
         // No neighbouring buckets further apart than 2x, so a p99 is never off by more than that.
-        assert!(LATENCY_BUCKETS.windows(2).all(|w| w[1] / w[0] <= 2.0 + f64::EPSILON));
+        assert!(
+            LATENCY_BUCKETS
+                .windows(2)
+                .all(|w| w[1] / w[0] <= 2.0 + f64::EPSILON)
+        );
     }
 
     #[test]

@@ -13,9 +13,15 @@ use crate::config::RedisConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSetupError {
     #[error("invalid REDIS_URL {url}: {source}")]
-    Url { url: String, source: fred::error::Error },
+    Url {
+        url: String,
+        source: fred::error::Error,
+    },
     #[error("cannot build Redis client for {url}: {source}")]
-    Build { url: String, source: fred::error::Error },
+    Build {
+        url: String,
+        source: fred::error::Error,
+    },
 }
 
 fn builder(cfg: &RedisConfig) -> Result<Builder, RedisSetupError> {

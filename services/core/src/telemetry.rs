@@ -139,9 +139,15 @@ where
             "timestamp".into(),
             Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
         );
-        map.insert("level".into(), Value::String(event.metadata().level().to_string()));
+        map.insert(
+            "level".into(),
+            Value::String(event.metadata().level().to_string()),
+        );
         map.insert("service".into(), Value::String(self.service.into()));
-        map.insert("target".into(), Value::String(event.metadata().target().into()));
+        map.insert(
+            "target".into(),
+            Value::String(event.metadata().target().into()),
+        );
         event.record(&mut JsonVisitor(&mut map));
 
         let mut current = None;
@@ -179,7 +185,8 @@ struct JsonVisitor<'a>(&'a mut Map<String, Value>);
 
 impl Visit for JsonVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), Value::String(value.into()));
+        self.0
+            .insert(field.name().into(), Value::String(value.into()));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.0.insert(field.name().into(), value.into());

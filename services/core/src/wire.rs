@@ -23,7 +23,9 @@ pub enum ClientFrame {
         userid: Option<String>,
     },
     /// Replay every delivery after this event id.
-    Resume { after: String },
+    Resume {
+        after: String,
+    },
     Ping,
 }
 
@@ -142,9 +144,16 @@ impl ErrorCode {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
     /// The message is durably in Kafka.
-    Ack { id: String, trace_id: String },
+    Ack {
+        id: String,
+        trace_id: String,
+    },
     /// Streamed tokens of the answer to `id`, in order (`seq` restarts at 0 if the model call is retried).
-    Delta { id: String, seq: u32, content: String },
+    Delta {
+        id: String,
+        seq: u32,
+        content: String,
+    },
     /// The complete answer.
     Response {
         id: String,

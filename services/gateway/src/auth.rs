@@ -38,7 +38,9 @@ pub struct TokenService {
 
 impl std::fmt::Debug for TokenService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenService").field("ttl_secs", &self.ttl_secs).finish_non_exhaustive()
+        f.debug_struct("TokenService")
+            .field("ttl_secs", &self.ttl_secs)
+            .finish_non_exhaustive()
     }
 }
 
@@ -76,7 +78,12 @@ impl TokenService {
     ///
     /// # Errors
     /// Only if signing fails, which HS256 with any key does not.
-    pub fn issue_at(&self, user: &UserId, iat: u64, exp: u64) -> Result<String, jsonwebtoken::errors::Error> {
+    pub fn issue_at(
+        &self,
+        user: &UserId,
+        iat: u64,
+        exp: u64,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
         let claims = Claims {
             sub: user.to_string(),
             iat,
@@ -91,12 +98,13 @@ impl TokenService {
     /// The [`AuthError`] to report to the client.
     pub fn verify(&self, token: Option<&str>, user: &UserId) -> Result<(), AuthError> {
         let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
-        let data = decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
-            match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid,
-            }
-        })?;
+        let data =
+            decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
+                match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                    _ => AuthError::Invalid,
+                }
+            })?;
         if data.claims.sub == user.as_str() {
             Ok(())
         } else {
@@ -133,7 +141,10 @@ mod tests {
     fn forged_expired_and_missing_tokens_are_refused() {
         let alice = UserId::parse("alice").unwrap();
         let forged = svc("other-secret").issue(&alice).unwrap();
-        assert_eq!(svc("k").verify(Some(&forged), &alice), Err(AuthError::Invalid));
+        assert_eq!(
+            svc("k").verify(Some(&forged), &alice),
+            Err(AuthError::Invalid)
+        );
         let s = svc("k");
         let expired = s.issue_at(&alice, 1, 2).unwrap();
         assert_eq!(s.verify(Some(&expired), &alice), Err(AuthError::Expired));

@@ -16,7 +16,12 @@ pub struct GatewayConfig {
     #[arg(long, env = "GATEWAY_INSTANCE_ID", default_value = "gateway")]
     pub instance_id: String,
     /// HS256 secret shared by all gateways. The default is for local development only.
-    #[arg(long, env = "AUTH_SECRET", default_value = "colloquy-dev-secret-change-me", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AUTH_SECRET",
+        default_value = "colloquy-dev-secret-change-me",
+        hide_env_values = true
+    )]
     pub auth_secret: SecretString,
     /// Bearer token required by `POST /token`; issuing is open (dev mode) when unset.
     #[arg(long, env = "AUTH_ADMIN_TOKEN", hide_env_values = true)]

@@ -29,7 +29,10 @@ pub enum Outbound {
     /// A delivery published on the user's channel.
     Live(Arc<Delivery>),
     /// The result of reading the inbox after a cursor; `more` when the page was full.
-    Replayed { deliveries: Vec<Delivery>, more: bool },
+    Replayed {
+        deliveries: Vec<Delivery>,
+        more: bool,
+    },
     /// Reading the inbox failed; the session retries.
     ReplayFailed,
 }
@@ -165,7 +168,9 @@ impl Fanout {
     pub fn unregister(&self, user: &UserId, id: u64) {
         let last = {
             let mut users = self.users();
-            let Some(conns) = users.get_mut(user) else { return };
+            let Some(conns) = users.get_mut(user) else {
+                return;
+            };
             conns.retain(|c| c.id != id);
             if conns.is_empty() {
                 users.remove(user);
@@ -193,7 +198,9 @@ impl Fanout {
     pub fn dispatch(&self, delivery: Delivery) {
         let delivery = Arc::new(delivery);
         let users = self.users();
-        let Some(conns) = users.get(&delivery.userid) else { return };
+        let Some(conns) = users.get(&delivery.userid) else {
+            return;
+        };
         for conn in conns {
             // A connection that dropped a delivery must not take later ones before its replay
             // starts: writing a later event first would move its cursor past the dropped one.
@@ -254,7 +261,10 @@ async fn manage_subscriptions(
                 if fanout.has_connections(&user) || !subscribed.remove(&user) {
                     continue;
                 }
-                if let Err(e) = subscriber.unsubscribe(fanout.names.user_channel(&user)).await {
+                if let Err(e) = subscriber
+                    .unsubscribe(fanout.names.user_channel(&user))
+                    .await
+                {
                     metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "unsubscribe").increment(1);
                     tracing::warn!(userid = %user, error = %e, "unsubscribe failed");
                 }
@@ -313,13 +323,17 @@ pub async fn read_inbox(
         .await?;
     let mut out = Vec::with_capacity(entries.len());
     for (id, fields) in entries {
-        let Some(body) = fields.get(colloquy_core::records::INBOX_FIELD) else { continue };
+        let Some(body) = fields.get(colloquy_core::records::INBOX_FIELD) else {
+            continue;
+        };
         match serde_json::from_str::<Delivery>(body) {
             Ok(mut d) => {
                 d.event_id = Some(id);
                 out.push(d);
             }
-            Err(e) => tracing::warn!(userid = %user, event_id = %id, error = %e, "unreadable inbox entry skipped"),
+            Err(e) => {
+                tracing::warn!(userid = %user, event_id = %id, error = %e, "unreadable inbox entry skipped")
+            }
         }
     }
     Ok(out)

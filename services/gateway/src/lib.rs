@@ -52,19 +52,37 @@ impl Application {
     /// # Errors
     /// When the configuration is invalid, the port cannot be bound or topics cannot be created.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let Settings { gateway, kafka, redis, names } = settings;
+        let Settings {
+            gateway,
+            kafka,
+            redis,
+            names,
+        } = settings;
         colloquy_core::metrics::record_build_info("gateway");
         if let Err(e) = colloquy_core::kafka::ensure_topics(&kafka, &names.all_topics()).await {
             // The broker may come up later; produce will report unavailability per message.
             tracing::warn!(error = %e, "could not ensure topics at start");
         }
-        let producer = colloquy_core::kafka::producer(&kafka, "gateway").context("Kafka producer")?;
-        let pool = colloquy_core::redis::pool(&redis).await.context("Redis pool")?;
-        let subscriber = colloquy_core::redis::subscriber(&redis).await.context("Redis subscriber")?;
+        let producer =
+            colloquy_core::kafka::producer(&kafka, "gateway").context("Kafka producer")?;
+        let pool = colloquy_core::redis::pool(&redis)
+            .await
+            .context("Redis pool")?;
+        let subscriber = colloquy_core::redis::subscriber(&redis)
+            .await
+            .context("Redis subscriber")?;
         let shutdown = CancellationToken::new();
-        let fanout = Fanout::start(subscriber, names.clone(), gateway.max_connections_per_user, shutdown.clone());
+        let fanout = Fanout::start(
+            subscriber,
+            names.clone(),
+            gateway.max_connections_per_user,
+            shutdown.clone(),
+        );
         let limiter = RateLimiter::new(
-            Gcra::per_period(gateway.rate_limit_messages, Duration::from_secs(gateway.rate_limit_period_secs)),
+            Gcra::per_period(
+                gateway.rate_limit_messages,
+                Duration::from_secs(gateway.rate_limit_period_secs),
+            ),
             pool.clone(),
             names.clone(),
         );

@@ -9,7 +9,11 @@ use colloquy_gateway::config::GatewayConfig;
 use colloquy_gateway::{Application, Settings};
 
 #[derive(Debug, Parser)]
-#[command(name = "colloquy-gateway", version, about = "Colloquy WebSocket gateway")]
+#[command(
+    name = "colloquy-gateway",
+    version,
+    about = "Colloquy WebSocket gateway"
+)]
 struct Cli {
     #[command(flatten)]
     gateway: GatewayConfig,
@@ -26,7 +30,8 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = colloquy_core::telemetry::init("gateway", &cli.telemetry).context("telemetry")?;
+    let _telemetry =
+        colloquy_core::telemetry::init("gateway", &cli.telemetry).context("telemetry")?;
     let shutdown = colloquy_core::shutdown::on_signal();
     let app = Application::build(Settings {
         gateway: cli.gateway,

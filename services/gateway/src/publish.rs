@@ -52,7 +52,10 @@ pub fn enqueue(
         .key(user.as_str())
         .payload(&payload)
         .headers(headers);
-    let delivery = state.producer.send_result(fr).map_err(|(e, _)| PublishError::Kafka(e))?;
+    let delivery = state
+        .producer
+        .send_result(fr)
+        .map_err(|(e, _)| PublishError::Kafka(e))?;
     let span = span.clone();
     Ok(async move {
         let result = match delivery.await {

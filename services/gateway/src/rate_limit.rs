@@ -52,7 +52,12 @@ impl Gcra {
         let allow_at = tat - self.tolerance_ms();
         if now < allow_at {
             let wait = (allow_at - now) as u64;
-            (Decision::Limited { retry_after_ms: wait }, tat)
+            (
+                Decision::Limited {
+                    retry_after_ms: wait,
+                },
+                tat,
+            )
         } else {
             (Decision::Allowed, tat + self.interval_ms)
         }
@@ -90,7 +95,9 @@ pub struct RateLimiter {
 
 impl std::fmt::Debug for RateLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimiter").field("gcra", &self.gcra).finish_non_exhaustive()
+        f.debug_struct("RateLimiter")
+            .field("gcra", &self.gcra)
+            .finish_non_exhaustive()
     }
 }
 
@@ -166,7 +173,12 @@ mod tests {
             tat = Some(t);
         }
         let (d, _) = g.check(tat, 1_000);
-        assert_eq!(d, Decision::Limited { retry_after_ms: 6_000 });
+        assert_eq!(
+            d,
+            Decision::Limited {
+                retry_after_ms: 6_000
+            }
+        );
         let (d, _) = g.check(tat, 7_000);
         assert_eq!(d, Decision::Allowed);
     }

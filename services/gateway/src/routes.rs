@@ -9,8 +9,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures::StreamExt;
 use fred::prelude::*;
+use futures::StreamExt;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::json;
@@ -59,7 +59,10 @@ async fn issue_token(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if presented != Some(admin.expose_secret()) {
-            return json_error(StatusCode::UNAUTHORIZED, "issuing tokens needs the admin bearer token");
+            return json_error(
+                StatusCode::UNAUTHORIZED,
+                "issuing tokens needs the admin bearer token",
+            );
         }
     }
     let Some(Ok(user)) = params.userid.as_deref().map(UserId::parse) else {

@@ -58,36 +58,61 @@ impl Cursor {
 
 enum Replay {
     Idle,
-    Running { pending: Vec<Arc<Delivery>>, again: bool },
+    Running {
+        pending: Vec<Arc<Delivery>>,
+        again: bool,
+    },
 }
 
 /// Runs a session for an authenticated `user` until the client leaves or the gateway stops.
-pub async fn run<S, R>(mut sink: S, mut stream: R, state: Arc<AppState>, user: UserId, resume_after: Option<EventId>)
-where
+pub async fn run<S, R>(
+    mut sink: S,
+    mut stream: R,
+    state: Arc<AppState>,
+    user: UserId,
+    resume_after: Option<EventId>,
+) where
     S: Sink<Message> + Unpin + Send,
     R: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
 {
     let conn_id = state.next_conn_id();
     let (tx, mut rx) = mpsc::channel(OUTBOUND_CAPACITY);
     let resync = Arc::new(Resync::default());
-    let handle = ConnHandle { id: conn_id, tx: tx.clone(), resync: Arc::clone(&resync) };
+    let handle = ConnHandle {
+        id: conn_id,
+        tx: tx.clone(),
+        resync: Arc::clone(&resync),
+    };
     if let Err(e) = state.fanout.register(&user, handle).await {
         let reason = match e {
             RegisterError::TooManyConnections => "too_many_connections",
             RegisterError::Subscribe(_) => "deliveries_unavailable",
         };
         metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
-        let _ = sink.send(close_message(close::TRY_AGAIN, &e.to_string())).await;
+        let _ = sink
+            .send(close_message(close::TRY_AGAIN, &e.to_string()))
+            .await;
         return;
     }
     metrics::gauge!(m::CONNECTIONS).increment(1.0);
     tracing::debug!(userid = %user, conn_id, "session open");
 
-    let connected = EventId { ms: now_ms().max(1) as u64 - 1, seq: u64::MAX };
-    let mut cursor = Cursor { last_seen: None, floor: resume_after.unwrap_or(connected) };
+    let connected = EventId {
+        ms: now_ms().max(1) as u64 - 1,
+        seq: u64::MAX,
+    };
+    let mut cursor = Cursor {
+        last_seen: None,
+        floor: resume_after.unwrap_or(connected),
+    };
     let mut replay = Replay::Idle;
     let in_flight = Arc::new(Semaphore::new(state.config.max_in_flight_per_connection));
-    let mut session = Session { state: &state, user: &user, tx: &tx, in_flight: &in_flight };
+    let mut session = Session {
+        state: &state,
+        user: &user,
+        tx: &tx,
+        in_flight: &in_flight,
+    };
     if resume_after.is_some() {
         session.start_replay(&mut replay, &cursor, "resume");
     }
@@ -193,29 +218,59 @@ impl Session<'_> {
         let frame = match ClientFrame::parse(text, self.state.config.max_content_bytes) {
             Ok(f) => f,
             Err(e) => {
-                let outcome = if e.code() == ErrorCode::TooLarge { "too_large" } else { "invalid" };
-                metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => outcome).increment(1);
+                let outcome = if e.code() == ErrorCode::TooLarge {
+                    "too_large"
+                } else {
+                    "invalid"
+                };
+                metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => outcome)
+                    .increment(1);
                 return Some(Action::Reply(ServerFrame::error(e.code(), e.to_string())));
             }
         };
         match frame {
             ClientFrame::Ping => Some(Action::Reply(ServerFrame::Pong)),
-            ClientFrame::Resume { after } => Some(Action::Resume(EventId::parse(&after).unwrap_or_default())),
-            ClientFrame::Message { content, id, userid } => {
+            ClientFrame::Resume { after } => {
+                Some(Action::Resume(EventId::parse(&after).unwrap_or_default()))
+            }
+            ClientFrame::Message {
+                content,
+                id,
+                userid,
+            } => {
                 if userid.as_deref().is_some_and(|u| u != self.user.as_str()) {
-                    metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "invalid").increment(1);
-                    return Some(Action::Reply(error_for(ErrorCode::InvalidMessage, "userid does not match the connection", id, None)));
+                    metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "invalid")
+                        .increment(1);
+                    return Some(Action::Reply(error_for(
+                        ErrorCode::InvalidMessage,
+                        "userid does not match the connection",
+                        id,
+                        None,
+                    )));
                 }
                 let msg_id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-                if let Decision::Limited { retry_after_ms } = self.state.limiter.check(self.user).await {
+                if let Decision::Limited { retry_after_ms } =
+                    self.state.limiter.check(self.user).await
+                {
                     metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "rate_limited").increment(1);
-                    return Some(Action::Reply(error_for(ErrorCode::RateLimited, "rate limit exceeded", Some(msg_id), Some(retry_after_ms))));
+                    return Some(Action::Reply(error_for(
+                        ErrorCode::RateLimited,
+                        "rate limit exceeded",
+                        Some(msg_id),
+                        Some(retry_after_ms),
+                    )));
                 }
                 let Ok(permit) = Arc::clone(self.in_flight).try_acquire_owned() else {
                     metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "too_many_in_flight").increment(1);
-                    return Some(Action::Reply(error_for(ErrorCode::RateLimited, "too many messages waiting for their ack", Some(msg_id), Some(100))));
+                    return Some(Action::Reply(error_for(
+                        ErrorCode::RateLimited,
+                        "too many messages waiting for their ack",
+                        Some(msg_id),
+                        Some(100),
+                    )));
                 };
-                self.publish(msg_id, content, received_at_ms, permit).map(Action::Reply)
+                self.publish(msg_id, content, received_at_ms, permit)
+                    .map(Action::Reply)
             }
         }
     }
@@ -229,7 +284,14 @@ impl Session<'_> {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Option<ServerFrame> {
         let span = tracing::info_span!(parent: None, "gateway.message", userid = %self.user, msg_id = %msg_id, otel.kind = "producer");
-        match publish::enqueue(self.state, self.user, &msg_id, content, received_at_ms, &span) {
+        match publish::enqueue(
+            self.state,
+            self.user,
+            &msg_id,
+            content,
+            received_at_ms,
+            &span,
+        ) {
             Ok(pending) => {
                 let tx = self.tx.clone();
                 self.state.tasks.spawn(async move {
@@ -256,7 +318,10 @@ impl Session<'_> {
             *again = true;
             return;
         }
-        *replay = Replay::Running { pending: Vec::new(), again: false };
+        *replay = Replay::Running {
+            pending: Vec::new(),
+            again: false,
+        };
         let redis = self.state.redis.clone();
         let names = self.state.names.clone();
         let user = self.user.clone();
@@ -266,12 +331,14 @@ impl Session<'_> {
         tokio::spawn(async move {
             let out = match read_inbox(&redis, &names, &user, after, limit).await {
                 Ok(deliveries) => {
-                    metrics::counter!(m::REPLAYED, "reason" => reason).increment(deliveries.len() as u64);
+                    metrics::counter!(m::REPLAYED, "reason" => reason)
+                        .increment(deliveries.len() as u64);
                     let more = deliveries.len() as u64 >= limit;
                     Outbound::Replayed { deliveries, more }
                 }
                 Err(e) => {
-                    metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "replay").increment(1);
+                    metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "replay")
+                        .increment(1);
                     tracing::warn!(userid = %user, error = %e, "inbox replay failed; retrying");
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                     Outbound::ReplayFailed
@@ -281,7 +348,13 @@ impl Session<'_> {
         });
     }
 
-    fn on_outbound(&mut self, out: Outbound, cursor: &mut Cursor, replay: &mut Replay, frames: &mut Vec<ServerFrame>) {
+    fn on_outbound(
+        &mut self,
+        out: Outbound,
+        cursor: &mut Cursor,
+        replay: &mut Replay,
+        frames: &mut Vec<ServerFrame>,
+    ) {
         match out {
             Outbound::Frame(f) => frames.push(f),
             Outbound::Live(d) => {
@@ -308,7 +381,10 @@ impl Session<'_> {
                         write_durable(d, id, cursor, frames);
                     }
                 }
-                let Replay::Running { pending, again } = std::mem::replace(replay, Replay::Idle) else { return };
+                let Replay::Running { pending, again } = std::mem::replace(replay, Replay::Idle)
+                else {
+                    return;
+                };
                 if more || again {
                     self.start_replay(replay, cursor, "resync");
                     if let Replay::Running { pending: p, .. } = replay {
@@ -325,7 +401,10 @@ impl Session<'_> {
                 }
             }
             Outbound::ReplayFailed => {
-                let Replay::Running { pending, .. } = std::mem::replace(replay, Replay::Idle) else { return };
+                let Replay::Running { pending, .. } = std::mem::replace(replay, Replay::Idle)
+                else {
+                    return;
+                };
                 self.start_replay(replay, cursor, "retry");
                 if let Replay::Running { pending: p, .. } = replay {
                     *p = pending;
@@ -359,35 +438,61 @@ fn delivered_frame(d: &Delivery) -> ServerFrame {
             let span = tracing::info_span!("gateway.deliver", userid = %d.userid, msg_id = %d.msg_id, otel.kind = "consumer");
             colloquy_core::trace_context::continue_from(&span, d.traceparent.as_deref());
             drop(span);
-            let outcome = if matches!(d.body, ResponseBody::Final { .. }) { "response" } else { "llm_failed" };
+            let outcome = if matches!(d.body, ResponseBody::Final { .. }) {
+                "response"
+            } else {
+                "llm_failed"
+            };
             metrics::histogram!(m::E2E_LATENCY, "outcome" => outcome).record(since_receive);
             metrics::histogram!(m::STAGE_LATENCY, "stage" => "fanout")
                 .record((now - d.relayed_at_ms).max(0) as f64 / 1000.0);
-            metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "delivered").increment(1);
+            metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "delivered")
+                .increment(1);
         }
     }
     d.to_frame()
 }
 
-async fn write_frames<S: Sink<Message> + Unpin>(sink: &mut S, frames: Vec<ServerFrame>) -> Result<(), ()> {
+async fn write_frames<S: Sink<Message> + Unpin>(
+    sink: &mut S,
+    frames: Vec<ServerFrame>,
+) -> Result<(), ()> {
     if frames.is_empty() {
         return Ok(());
     }
     for f in frames {
-        sink.feed(Message::Text(f.to_json().into())).await.map_err(|_| ())?;
+        sink.feed(Message::Text(f.to_json().into()))
+            .await
+            .map_err(|_| ())?;
     }
     sink.flush().await.map_err(|_| ())
 }
 
-fn error_for(code: ErrorCode, message: &str, id: Option<String>, retry_after_ms: Option<u64>) -> ServerFrame {
-    ServerFrame::Error { code, message: message.to_owned(), id, event_id: None, retry_after_ms }
+fn error_for(
+    code: ErrorCode,
+    message: &str,
+    id: Option<String>,
+    retry_after_ms: Option<u64>,
+) -> ServerFrame {
+    ServerFrame::Error {
+        code,
+        message: message.to_owned(),
+        id,
+        event_id: None,
+        retry_after_ms,
+    }
 }
 
 fn unavailable(msg_id: String, e: &PublishError) -> ServerFrame {
     metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "unavailable").increment(1);
     metrics::counter!(m::KAFKA_ERRORS, "service" => "gateway", "op" => "produce").increment(1);
     tracing::warn!(msg_id = %msg_id, error = %e, "message not accepted by Kafka");
-    error_for(ErrorCode::Unavailable, "message not stored; resend it with the same id", Some(msg_id), Some(1_000))
+    error_for(
+        ErrorCode::Unavailable,
+        "message not stored; resend it with the same id",
+        Some(msg_id),
+        Some(1_000),
+    )
 }
 
 /// A close frame with `code` and `reason` (truncated to the protocol's 123 bytes).
@@ -397,5 +502,8 @@ pub fn close_message(code: u16, reason: &str) -> Message {
     while reason.len() > 123 {
         reason.pop();
     }
-    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) }))
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason),
+    }))
 }

@@ -36,7 +36,9 @@ pub struct AppState {
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState").field("instance", &self.config.instance_id).finish_non_exhaustive()
+        f.debug_struct("AppState")
+            .field("instance", &self.config.instance_id)
+            .finish_non_exhaustive()
     }
 }
 

@@ -69,14 +69,24 @@ pub struct Application {
 
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Application").field("topic", &self.topic).finish_non_exhaustive()
+        f.debug_struct("Application")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
     }
 }
 
 /// One record of a batch, decoded.
 enum Item {
-    Durable { user_key: String, channel: String, marker: String, payload: String },
-    Delta { channel: String, payload: String },
+    Durable {
+        user_key: String,
+        channel: String,
+        marker: String,
+        payload: String,
+    },
+    Delta {
+        channel: String,
+        payload: String,
+    },
 }
 
 impl Application {
@@ -85,15 +95,23 @@ impl Application {
     /// # Errors
     /// When configuration is invalid or the metrics address cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let Settings { relay: cfg, kafka: kcfg, redis, names } = settings;
+        let Settings {
+            relay: cfg,
+            kafka: kcfg,
+            redis,
+            names,
+        } = settings;
         colloquy_core::metrics::record_build_info("relay");
         if let Err(e) = kafka::ensure_topics(&kcfg, &names.all_topics()).await {
             tracing::warn!(error = %e, "could not ensure topics at start");
         }
         let topic = names.responses_topic();
-        let consumer = kafka::consumer(&kcfg, "relay", &cfg.group, &[&topic]).context("Kafka consumer")?;
+        let consumer =
+            kafka::consumer(&kcfg, "relay", &cfg.group, &[&topic]).context("Kafka consumer")?;
         let producer = kafka::producer(&kcfg, "relay").context("Kafka producer")?;
-        let redis = colloquy_core::redis::pool(&redis).await.context("Redis pool")?;
+        let redis = colloquy_core::redis::pool(&redis)
+            .await
+            .context("Redis pool")?;
         let stop = CancellationToken::new();
         let metrics_addr = colloquy_core::admin::serve(cfg.metrics_listen, stop.clone())
             .await
@@ -136,7 +154,8 @@ impl Application {
             match first {
                 Ok(m) => batch.push(m),
                 Err(e) => {
-                    metrics::counter!(m::KAFKA_ERRORS, "service" => "relay", "op" => "consume").increment(1);
+                    metrics::counter!(m::KAFKA_ERRORS, "service" => "relay", "op" => "consume")
+                        .increment(1);
                     tracing::warn!(error = %e, "consume error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -167,7 +186,11 @@ impl Application {
     }
 
     /// Writes one batch to Redis, retrying until it succeeds. `false` when shutdown interrupts.
-    async fn relay_batch(&self, batch: &[BorrowedMessage<'_>], shutdown: &CancellationToken) -> bool {
+    async fn relay_batch(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        shutdown: &CancellationToken,
+    ) -> bool {
         let now = now_ms();
         let timestamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let mut items = Vec::with_capacity(batch.len());
@@ -189,21 +212,28 @@ impl Application {
         loop {
             match self.write(&items).await {
                 Ok(written) => {
-                    let durable = items.iter().filter(|i| matches!(i, Item::Durable { .. })).count();
-                    metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "delivered").increment(written);
-                    metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "delta").increment((items.len() - durable) as u64);
+                    let durable = items
+                        .iter()
+                        .filter(|i| matches!(i, Item::Durable { .. }))
+                        .count();
+                    metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "delivered")
+                        .increment(written);
+                    metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "delta")
+                        .increment((items.len() - durable) as u64);
                     let dup = durable as u64 - written;
                     if dup > 0 {
                         metrics::counter!(m::DUPLICATES, "service" => "relay").increment(dup);
                     }
                     for (span, enqueued) in spans {
-                        metrics::histogram!(m::STAGE_LATENCY, "stage" => "relay").record((now_ms() - enqueued).max(0) as f64 / 1000.0);
+                        metrics::histogram!(m::STAGE_LATENCY, "stage" => "relay")
+                            .record((now_ms() - enqueued).max(0) as f64 / 1000.0);
                         drop(span);
                     }
                     return true;
                 }
                 Err(e) => {
-                    metrics::counter!(m::REDIS_ERRORS, "service" => "relay", "op" => "deliver").increment(1);
+                    metrics::counter!(m::REDIS_ERRORS, "service" => "relay", "op" => "deliver")
+                        .increment(1);
                     tracing::warn!(error = %e, records = items.len(), "Redis write failed; retrying the batch");
                     if e.to_string().contains("NOSCRIPT") {
                         let _ = self.script.load(self.redis.next()).await;
@@ -218,17 +248,28 @@ impl Application {
         }
     }
 
-    fn decode(&self, msg: &BorrowedMessage<'_>, now: i64, timestamp: &str) -> Result<(Item, Option<(tracing::Span, i64)>), String> {
+    fn decode(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        now: i64,
+        timestamp: &str,
+    ) -> Result<(Item, Option<(tracing::Span, i64)>), String> {
         let payload = msg.payload().ok_or("empty payload")?;
-        let record: ResponseRecord = serde_json::from_slice(payload).map_err(|e| format!("unreadable record: {e}"))?;
+        let record: ResponseRecord =
+            serde_json::from_slice(payload).map_err(|e| format!("unreadable record: {e}"))?;
         if record.v != SCHEMA_VERSION {
             return Err(format!("unsupported schema version {}", record.v));
         }
         let durable = record.body.is_durable();
-        let enqueued = kafka::header_str(msg.headers(), headers::ENQUEUED_AT_MS).and_then(|v| v.parse().ok()).unwrap_or(now);
+        let enqueued = kafka::header_str(msg.headers(), headers::ENQUEUED_AT_MS)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(now);
         let (span, traceparent) = if durable {
             let span = tracing::info_span!("relay.deliver", userid = %record.userid, msg_id = %record.msg_id, otel.kind = "consumer", messaging.system = "kafka", messaging.operation = "process");
-            continue_from(&span, kafka::header_str(msg.headers(), headers::TRACEPARENT));
+            continue_from(
+                &span,
+                kafka::header_str(msg.headers(), headers::TRACEPARENT),
+            );
             let tp = traceparent_of(&span);
             (Some(span), tp)
         } else {
@@ -271,10 +312,27 @@ impl Application {
         let marker_ttl = (self.cfg.delivered_ttl_secs * 1000).to_string();
         for item in items {
             match item {
-                Item::Durable { user_key, channel, marker, payload } => {
+                Item::Durable {
+                    user_key,
+                    channel,
+                    marker,
+                    payload,
+                } => {
                     // Pipelines have no script interface in fred; EVALSHA goes as a plain command.
-                    let args: Vec<&str> = vec![self.script.sha1(), "3", user_key, channel, marker, &maxlen, payload, &inbox_ttl, &marker_ttl];
-                    let _: () = pipe.custom(CustomCommand::new_static("EVALSHA", None, false), args).await?;
+                    let args: Vec<&str> = vec![
+                        self.script.sha1(),
+                        "3",
+                        user_key,
+                        channel,
+                        marker,
+                        &maxlen,
+                        payload,
+                        &inbox_ttl,
+                        &marker_ttl,
+                    ];
+                    let _: () = pipe
+                        .custom(CustomCommand::new_static("EVALSHA", None, false), args)
+                        .await?;
                 }
                 Item::Delta { channel, payload } => {
                     let _: () = pipe.publish(channel.as_str(), payload.as_str()).await?;
@@ -291,12 +349,22 @@ impl Application {
         Ok(written)
     }
 
-    async fn dead_letter(&self, msg: &BorrowedMessage<'_>, reason: &str, shutdown: &CancellationToken) -> bool {
+    async fn dead_letter(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        reason: &str,
+        shutdown: &CancellationToken,
+    ) -> bool {
         tracing::warn!(%reason, partition = msg.partition(), offset = msg.offset(), "response record dead-lettered");
         let dlq = self.names.responses_dlq_topic();
         loop {
-            let headers = OwnedHeaders::new().insert(Header { key: "dlq_reason", value: Some(reason) });
-            let mut record = FutureRecord::to(&dlq).payload(msg.payload().unwrap_or_default()).headers(headers);
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "dlq_reason",
+                value: Some(reason),
+            });
+            let mut record = FutureRecord::to(&dlq)
+                .payload(msg.payload().unwrap_or_default())
+                .headers(headers);
             if let Some(k) = msg.key() {
                 record = record.key(k);
             }
@@ -306,12 +374,14 @@ impl Application {
             };
             match sent {
                 Ok(_) => {
-                    metrics::counter!(m::DLQ_WRITES, "service" => "relay", "topic" => dlq.clone()).increment(1);
+                    metrics::counter!(m::DLQ_WRITES, "service" => "relay", "topic" => dlq.clone())
+                        .increment(1);
                     metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "dead_lettered").increment(1);
                     return true;
                 }
                 Err((e, _)) => {
-                    metrics::counter!(m::KAFKA_ERRORS, "service" => "relay", "op" => "dlq").increment(1);
+                    metrics::counter!(m::KAFKA_ERRORS, "service" => "relay", "op" => "dlq")
+                        .increment(1);
                     tracing::warn!(error = %e, "dead letter failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }

@@ -9,7 +9,11 @@ use colloquy_relay::config::RelayConfig;
 use colloquy_relay::{Application, Settings};
 
 #[derive(Debug, Parser)]
-#[command(name = "colloquy-relay", version, about = "Colloquy relay: responses -> Redis")]
+#[command(
+    name = "colloquy-relay",
+    version,
+    about = "Colloquy relay: responses -> Redis"
+)]
 struct Cli {
     #[command(flatten)]
     relay: RelayConfig,
@@ -26,8 +30,15 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = colloquy_core::telemetry::init("relay", &cli.telemetry).context("telemetry")?;
+    let _telemetry =
+        colloquy_core::telemetry::init("relay", &cli.telemetry).context("telemetry")?;
     let shutdown = colloquy_core::shutdown::on_signal();
-    let app = Application::build(Settings { relay: cli.relay, kafka: cli.kafka, redis: cli.redis, names: cli.names }).await?;
+    let app = Application::build(Settings {
+        relay: cli.relay,
+        kafka: cli.kafka,
+        redis: cli.redis,
+        names: cli.names,
+    })
+    .await?;
     app.run_until_stopped(shutdown).await
 }

@@ -9,7 +9,10 @@ use colloquy_testkit::checker::Checker;
 use colloquy_testkit::load::{self, LoadConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "colloquy-load", about = "Load generator and delivery checker for Colloquy")]
+#[command(
+    name = "colloquy-load",
+    about = "Load generator and delivery checker for Colloquy"
+)]
 struct Cli {
     #[command(flatten)]
     load: LoadConfig,

@@ -10,7 +10,11 @@ use colloquy_testkit::{LlmChoice, TestApp};
 const T: Duration = Duration::from_secs(30);
 
 async fn mock_app() -> TestApp {
-    TestApp::builder().llm(LlmChoice::Mock).spawn().await.expect("stack")
+    TestApp::builder()
+        .llm(LlmChoice::Mock)
+        .spawn()
+        .await
+        .expect("stack")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,7 +24,9 @@ async fn three_429s_then_success_is_exactly_four_attempts() {
     app.mock().answer_streamed(&["fine ", "now"]).await;
     let mut ws = app.connect(0, "patient").await.unwrap();
     ws.send_message("b1", "please").await.unwrap();
-    let ServerFrame::Response { content, .. } = ws.response_to("b1", T).await.unwrap() else { unreachable!() };
+    let ServerFrame::Response { content, .. } = ws.response_to("b1", T).await.unwrap() else {
+        unreachable!()
+    };
     assert_eq!(content, "fine now");
     assert_eq!(app.mock().requests().await.len(), 4);
     app.shutdown().await;
@@ -36,7 +42,11 @@ async fn retry_after_is_honoured() {
     ws.send_message("w1", "hi").await.unwrap();
     ws.response_to("w1", T).await.unwrap();
     // Backoff here is capped at 200 ms, so only the server's Retry-After: 2 explains a 2 s wait.
-    assert!(started.elapsed() >= Duration::from_secs(2), "retried after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "retried after {:?}",
+        started.elapsed()
+    );
     assert_eq!(app.mock().requests().await.len(), 2);
     app.shutdown().await;
 }
@@ -47,14 +57,35 @@ async fn bad_request_fails_fast_to_the_user_and_the_dlq() {
     app.mock().fail_next(10, 400, "invalid_request").await;
     let mut ws = app.connect(0, "rejected").await.unwrap();
     ws.send_message("x1", "bad").await.unwrap();
-    let f = ws.recv_until(T, |f| matches!(f, ServerFrame::Error { code: ErrorCode::LlmFailed, .. })).await.unwrap();
-    let ServerFrame::Error { id, event_id, .. } = f else { unreachable!() };
+    let f = ws
+        .recv_until(T, |f| {
+            matches!(
+                f,
+                ServerFrame::Error {
+                    code: ErrorCode::LlmFailed,
+                    ..
+                }
+            )
+        })
+        .await
+        .unwrap();
+    let ServerFrame::Error { id, event_id, .. } = f else {
+        unreachable!()
+    };
     assert_eq!(id.as_deref(), Some("x1"));
     assert!(event_id.is_some(), "failures are durable deliveries too");
     assert_eq!(app.mock().requests().await.len(), 1, "no retry on 400");
-    let dlq = app.read_topic(&app.names.incoming_dlq_topic(), 1, T).await.unwrap();
+    let dlq = app
+        .read_topic(&app.names.incoming_dlq_topic(), 1, T)
+        .await
+        .unwrap();
     assert_eq!(dlq.len(), 1);
-    let reason = dlq[0].1.iter().find(|(k, _)| k == "dlq_reason").map(|(_, v)| v.clone()).unwrap_or_default();
+    let reason = dlq[0]
+        .1
+        .iter()
+        .find(|(k, _)| k == "dlq_reason")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
     assert!(reason.contains("400"), "{reason}");
     app.shutdown().await;
 }
@@ -65,7 +96,17 @@ async fn insufficient_quota_fails_fast() {
     app.mock().fail_next(10, 429, "insufficient_quota").await;
     let mut ws = app.connect(0, "broke").await.unwrap();
     ws.send_message("q1", "hi").await.unwrap();
-    ws.recv_until(T, |f| matches!(f, ServerFrame::Error { code: ErrorCode::LlmFailed, .. })).await.unwrap();
+    ws.recv_until(T, |f| {
+        matches!(
+            f,
+            ServerFrame::Error {
+                code: ErrorCode::LlmFailed,
+                ..
+            }
+        )
+    })
+    .await
+    .unwrap();
     assert_eq!(app.mock().requests().await.len(), 1);
     app.shutdown().await;
 }
@@ -76,9 +117,26 @@ async fn seven_failures_give_llm_failed_and_a_dead_letter() {
     app.mock().rate_limit_always(0).await;
     let mut ws = app.connect(0, "stormy").await.unwrap();
     ws.send_message("s1", "hello?").await.unwrap();
-    ws.recv_until(T, |f| matches!(f, ServerFrame::Error { code: ErrorCode::LlmFailed, .. })).await.unwrap();
-    assert_eq!(app.mock().requests().await.len(), 7, "at most 7 attempts in all");
-    let dlq = app.read_topic(&app.names.incoming_dlq_topic(), 1, T).await.unwrap();
+    ws.recv_until(T, |f| {
+        matches!(
+            f,
+            ServerFrame::Error {
+                code: ErrorCode::LlmFailed,
+                ..
+            }
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        app.mock().requests().await.len(),
+        7,
+        "at most 7 attempts in all"
+    );
+    let dlq = app
+        .read_topic(&app.names.incoming_dlq_topic(), 1, T)
+        .await
+        .unwrap();
     let record: serde_json::Value = serde_json::from_slice(&dlq[0].0).unwrap();
     assert_eq!(record["msg_id"], "s1");
     assert_eq!(record["content"], "hello?");
@@ -93,12 +151,29 @@ async fn a_resent_message_is_answered_once_and_charged_once() {
     ws.send_message("same", "only once").await.unwrap();
     ws.response_to("same", T).await.unwrap();
     ws.send_message("same", "only once").await.unwrap();
-    ws.recv_until(T, |f| matches!(f, ServerFrame::Ack { id, .. } if id == "same")).await.unwrap();
+    ws.recv_until(
+        T,
+        |f| matches!(f, ServerFrame::Ack { id, .. } if id == "same"),
+    )
+    .await
+    .unwrap();
     // Give the duplicate time to flow through; then prove nothing else arrived.
     ws.send_message("after", "next").await.unwrap();
-    let next = ws.recv_until(T, |f| matches!(f, ServerFrame::Response { .. })).await.unwrap();
-    assert!(matches!(next, ServerFrame::Response { ref id, .. } if id == "after"), "{next:?}");
-    let prompts: Vec<String> = app.mock().requests().await.iter().filter_map(last_user_message).collect();
+    let next = ws
+        .recv_until(T, |f| matches!(f, ServerFrame::Response { .. }))
+        .await
+        .unwrap();
+    assert!(
+        matches!(next, ServerFrame::Response { ref id, .. } if id == "after"),
+        "{next:?}"
+    );
+    let prompts: Vec<String> = app
+        .mock()
+        .requests()
+        .await
+        .iter()
+        .filter_map(last_user_message)
+        .collect();
     assert_eq!(prompts, vec!["only once".to_owned(), "next".to_owned()]);
     app.shutdown().await;
 }
@@ -114,7 +189,12 @@ async fn memory_and_system_prompt_go_with_each_request() {
     ws.response_to("m2", T).await.unwrap();
     let requests = app.mock().requests().await;
     let body: serde_json::Value = serde_json::from_slice(&requests[1].body).unwrap();
-    let roles: Vec<&str> = body["messages"].as_array().unwrap().iter().filter_map(|m| m["role"].as_str()).collect();
+    let roles: Vec<&str> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["role"].as_str())
+        .collect();
     assert_eq!(roles, ["system", "user", "assistant", "user"]);
     assert_eq!(body["messages"][1]["content"], "my name is Ada");
     assert_eq!(body["messages"][2]["content"], "echo: my name is Ada");
@@ -149,13 +229,19 @@ async fn each_users_answers_come_in_order_under_concurrency() {
     }
     for i in 0..8 {
         for (ws, u) in sockets.iter_mut().zip(users) {
-            ws.send_message(&format!("{u}-{i}"), &format!("{u} #{i}")).await.unwrap();
+            ws.send_message(&format!("{u}-{i}"), &format!("{u} #{i}"))
+                .await
+                .unwrap();
         }
     }
     for (ws, u) in sockets.iter_mut().zip(users) {
         let mut order = Vec::new();
         while order.len() < 8 {
-            if let ServerFrame::Response { id, .. } = ws.recv_until(T, |f| matches!(f, ServerFrame::Response { .. })).await.unwrap() {
+            if let ServerFrame::Response { id, .. } = ws
+                .recv_until(T, |f| matches!(f, ServerFrame::Response { .. }))
+                .await
+                .unwrap()
+            {
                 order.push(id);
             }
         }

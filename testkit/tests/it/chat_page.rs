@@ -26,8 +26,15 @@ async fn the_chat_page_connects_streams_and_shows_the_answer_with_its_latency() 
         return;
     };
     // Paced tokens (8 at 20/s) so the answer visibly streams before it is final.
-    let fake = FakeLlmConfig { token_rate: 20.0, ..FakeLlmConfig::default() };
-    let app = TestApp::builder().llm(LlmChoice::Fake(fake)).spawn().await.expect("stack");
+    let fake = FakeLlmConfig {
+        token_rate: 20.0,
+        ..FakeLlmConfig::default()
+    };
+    let app = TestApp::builder()
+        .llm(LlmChoice::Fake(fake))
+        .spawn()
+        .await
+        .expect("stack");
     let result = drive(&app, &chromium).await;
     app.shutdown().await;
     if let Err(e) = result {
@@ -36,7 +43,9 @@ async fn the_chat_page_connects_streams_and_shows_the_answer_with_its_latency() 
 }
 
 async fn drive(app: &TestApp, chromium: &Path) -> anyhow::Result<()> {
-    let browser = Browser::launch_binary(chromium).await.context("launch Chromium")?;
+    let browser = Browser::launch_binary(chromium)
+        .await
+        .context("launch Chromium")?;
     let page = browser.page().await.context("page target")?;
     let url = format!("{}/?userid={USER}", app.http_base(0));
     page.goto(&url).await?;
@@ -53,9 +62,21 @@ async fn drive(app: &TestApp, chromium: &Path) -> anyhow::Result<()> {
 
 async fn chat(page: &Page) -> anyhow::Result<()> {
     // `?userid=` pre-fills the field and connects at once.
-    page.wait_for("document.getElementById('status').textContent === 'connected'", T).await.context("connect")?;
-    assert_eq!(page.eval("document.getElementById('userid').value").await?, USER);
-    assert_eq!(page.eval("document.querySelector('.conn').dataset.state").await?, "open");
+    page.wait_for(
+        "document.getElementById('status').textContent === 'connected'",
+        T,
+    )
+    .await
+    .context("connect")?;
+    assert_eq!(
+        page.eval("document.getElementById('userid').value").await?,
+        USER
+    );
+    assert_eq!(
+        page.eval("document.querySelector('.conn').dataset.state")
+            .await?,
+        "open"
+    );
 
     // Type and click Send; in the same turn of the event loop (so before any frame can arrive)
     // watch the new answer bubble and record its text while it is not final.
@@ -77,9 +98,15 @@ async fn chat(page: &Page) -> anyhow::Result<()> {
             }})()"
         ))
         .await?;
-    let id = sent["id"].as_str().context("clicking Send created no answer bubble")?.to_owned();
+    let id = sent["id"]
+        .as_str()
+        .context("clicking Send created no answer bubble")?
+        .to_owned();
     ensure!(!id.is_empty(), "answer bubble without a message id: {sent}");
-    assert_eq!(sent["question"], QUESTION, "the question bubble shows what was typed");
+    assert_eq!(
+        sent["question"], QUESTION,
+        "the question bubble shows what was typed"
+    );
     assert_eq!(sent["input"], "", "the input is cleared on send");
 
     // The final answer: an `.answer.done` whose text contains the question.
@@ -95,9 +122,16 @@ async fn chat(page: &Page) -> anyhow::Result<()> {
         )
         .await
         .context("final answer")?;
-    assert_eq!(done["id"], id.as_str(), "the answer is for the message sent");
+    assert_eq!(
+        done["id"],
+        id.as_str(),
+        "the answer is for the message sent"
+    );
     let answer = done["text"].as_str().context("answer text")?.to_owned();
-    assert!(answer.starts_with(&format!("echo: {QUESTION}")), "the fake LLM echoes the question: {answer:?}");
+    assert!(
+        answer.starts_with(&format!("echo: {QUESTION}")),
+        "the fake LLM echoes the question: {answer:?}"
+    );
 
     // Its meta line: the end-to-end latency, the time to first token, no error.
     let meta = page
@@ -112,36 +146,72 @@ async fn chat(page: &Page) -> anyhow::Result<()> {
             id = js_str(&id)
         ))
         .await?;
-    ensure!(meta["error"].is_null() && meta["state"].is_null(), "meta line of a finished answer: {meta}");
-    let latency = meta["latency"].as_str().with_context(|| format!("no latency shown: {meta}"))?;
-    let latency_ms = parse_duration_ms(latency).with_context(|| format!("latency {latency:?} is not a duration"))?;
-    assert!(latency_ms > 0.0 && latency_ms < T.as_secs_f64() * 1000.0, "latency {latency:?}");
+    ensure!(
+        meta["error"].is_null() && meta["state"].is_null(),
+        "meta line of a finished answer: {meta}"
+    );
+    let latency = meta["latency"]
+        .as_str()
+        .with_context(|| format!("no latency shown: {meta}"))?;
+    let latency_ms = parse_duration_ms(latency)
+        .with_context(|| format!("latency {latency:?} is not a duration"))?;
+    assert!(
+        latency_ms > 0.0 && latency_ms < T.as_secs_f64() * 1000.0,
+        "latency {latency:?}"
+    );
     // The trace id from the ack, shown for copying.
-    let trace = meta["trace"].as_str().with_context(|| format!("no trace id shown: {meta}"))?;
+    let trace = meta["trace"]
+        .as_str()
+        .with_context(|| format!("no trace id shown: {meta}"))?;
     let hex = trace.strip_prefix("trace ").unwrap_or_default();
-    ensure!(hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()) && hex.bytes().any(|b| b != b'0'), "trace {trace:?}");
+    ensure!(
+        hex.len() == 32
+            && hex.bytes().all(|b| b.is_ascii_hexdigit())
+            && hex.bytes().any(|b| b != b'0'),
+        "trace {trace:?}"
+    );
 
     // Streaming: deltas arrived before the response (the page shows the time to first token),
     // and the bubble showed a growing prefix of the answer before the final text.
-    let ttft = meta["ttft"].as_str().with_context(|| format!("no time to first token shown (no delta arrived before the response): {meta}"))?;
+    let ttft = meta["ttft"].as_str().with_context(|| {
+        format!("no time to first token shown (no delta arrived before the response): {meta}")
+    })?;
     let ttft_ms = ttft
         .strip_prefix("first token ")
         .and_then(parse_duration_ms)
         .with_context(|| format!("time to first token {ttft:?} is not `first token <duration>`"))?;
-    assert!(ttft_ms <= latency_ms, "first token ({ttft}) after the final answer ({latency})");
+    assert!(
+        ttft_ms <= latency_ms,
+        "first token ({ttft}) after the final answer ({latency})"
+    );
     let partials = page.eval("window.__partials").await?;
-    let partials: Vec<&str> = partials.as_array().context("partials")?.iter().filter_map(Value::as_str).filter(|p| !p.is_empty()).collect();
+    let partials: Vec<&str> = partials
+        .as_array()
+        .context("partials")?
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|p| !p.is_empty())
+        .collect();
     ensure!(
         partials.iter().any(|p| p.len() < answer.len()),
         "the answer never showed partial text before the final one: {partials:?}"
     );
     for p in &partials {
-        ensure!(answer.starts_with(p), "streamed text {p:?} is not a prefix of the answer {answer:?}");
+        ensure!(
+            answer.starts_with(p),
+            "streamed text {p:?} is not a prefix of the answer {answer:?}"
+        );
     }
     let mut lens: Vec<usize> = partials.iter().map(|p| p.len()).collect();
     lens.dedup();
-    ensure!(lens.windows(2).all(|w| w[0] < w[1]), "streamed text did not only grow: {partials:?}");
-    eprintln!("chat page: {answer:?} in {latency} ({ttft}), {} partial renders before the final one", partials.len());
+    ensure!(
+        lens.windows(2).all(|w| w[0] < w[1]),
+        "streamed text did not only grow: {partials:?}"
+    );
+    eprintln!(
+        "chat page: {answer:?} in {latency} ({ttft}), {} partial renders before the final one",
+        partials.len()
+    );
     Ok(())
 }
 

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use colloquy_core::wire::ServerFrame;
-use colloquy_testkit::client::Received;
 use colloquy_testkit::TestApp;
+use colloquy_testkit::client::Received;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -34,10 +34,22 @@ async fn a_message_is_acked_streamed_and_answered() {
         }
     };
     assert!(acked, "ack must precede the response");
-    let ServerFrame::Response { id, content, userid, event_id, timestamp } = response else { unreachable!() };
+    let ServerFrame::Response {
+        id,
+        content,
+        userid,
+        event_id,
+        timestamp,
+    } = response
+    else {
+        unreachable!()
+    };
     assert_eq!((id.as_str(), userid.as_str()), ("m1", "alice"));
     assert!(content.contains("hello there"), "{content}");
-    assert!(content.starts_with(&deltas), "deltas are a prefix of the answer: {deltas:?} vs {content:?}");
+    assert!(
+        content.starts_with(&deltas),
+        "deltas are a prefix of the answer: {deltas:?} vs {content:?}"
+    );
     assert!(colloquy_core::wire::EventId::parse(&event_id).is_some());
     assert!(chrono::DateTime::parse_from_rfc3339(&timestamp).is_ok());
     app.shutdown().await;
@@ -48,18 +60,31 @@ async fn original_protocol_client_works_unchanged() {
     let app = TestApp::spawn().await.expect("stack");
     let mut ws = app.connect(0, "legacy_user").await.unwrap();
     for i in 0..3 {
-        ws.send_raw(&format!(r#"{{"type":"message","content":"old style {i}","userid":"legacy_user"}}"#)).await.unwrap();
+        ws.send_raw(&format!(
+            r#"{{"type":"message","content":"old style {i}","userid":"legacy_user"}}"#
+        ))
+        .await
+        .unwrap();
     }
     let mut answers = Vec::new();
     while answers.len() < 3 {
-        if let ServerFrame::Response { content, userid, .. } = ws.recv_until(T, |f| matches!(f, ServerFrame::Response { .. })).await.unwrap() {
+        if let ServerFrame::Response {
+            content, userid, ..
+        } = ws
+            .recv_until(T, |f| matches!(f, ServerFrame::Response { .. }))
+            .await
+            .unwrap()
+        {
             assert_eq!(userid, "legacy_user");
             answers.push(content);
         }
     }
     // One user's messages are answered in the order sent (the original answered them out of order).
     for (i, a) in answers.iter().enumerate() {
-        assert!(a.contains(&format!("old style {i}")), "answer {i} out of order: {answers:?}");
+        assert!(
+            a.contains(&format!("old style {i}")),
+            "answer {i} out of order: {answers:?}"
+        );
     }
     app.shutdown().await;
 }
@@ -81,31 +106,68 @@ async fn answers_missed_while_away_are_replayed_on_resume_without_duplicates() {
     let app = TestApp::builder().gateways(2).spawn().await.expect("stack");
     let mut ws = app.connect(0, "roamer").await.unwrap();
     ws.send_message("r1", "first").await.unwrap();
-    let ServerFrame::Response { event_id: cursor, .. } = ws.response_to("r1", T).await.unwrap() else { unreachable!() };
+    let ServerFrame::Response {
+        event_id: cursor, ..
+    } = ws.response_to("r1", T).await.unwrap()
+    else {
+        unreachable!()
+    };
     ws.send_message("r2", "second").await.unwrap();
     ws.send_message("r3", "third").await.unwrap();
-    ws.recv_until(T, |f| matches!(f, ServerFrame::Ack { id, .. } if id == "r3")).await.unwrap();
+    ws.recv_until(
+        T,
+        |f| matches!(f, ServerFrame::Ack { id, .. } if id == "r3"),
+    )
+    .await
+    .unwrap();
     ws.close().await;
 
     // Reconnect to the other gateway and resume after the first answer.
     let mut ws = app.connect(1, "roamer").await.unwrap();
-    ws.send(&colloquy_core::wire::ClientFrame::Resume { after: cursor.clone() }).await.unwrap();
+    ws.send(&colloquy_core::wire::ClientFrame::Resume {
+        after: cursor.clone(),
+    })
+    .await
+    .unwrap();
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        if let ServerFrame::Response { id, event_id, .. } = ws.recv_until(T, |f| matches!(f, ServerFrame::Response { .. })).await.unwrap() {
-            assert!(colloquy_core::wire::EventId::parse(&event_id) > colloquy_core::wire::EventId::parse(&cursor));
+        if let ServerFrame::Response { id, event_id, .. } = ws
+            .recv_until(T, |f| matches!(f, ServerFrame::Response { .. }))
+            .await
+            .unwrap()
+        {
+            assert!(
+                colloquy_core::wire::EventId::parse(&event_id)
+                    > colloquy_core::wire::EventId::parse(&cursor)
+            );
             seen.push(id);
         }
     }
     assert_eq!(seen, vec!["r2".to_owned(), "r3".to_owned()]);
     // A second resume with the same cursor must not repeat anything on this connection.
-    ws.send(&colloquy_core::wire::ClientFrame::Resume { after: cursor }).await.unwrap();
-    ws.send(&colloquy_core::wire::ClientFrame::Ping).await.unwrap();
-    let next = ws.recv_until(T, |f| matches!(f, ServerFrame::Response { .. } | ServerFrame::Pong)).await.unwrap();
+    ws.send(&colloquy_core::wire::ClientFrame::Resume { after: cursor })
+        .await
+        .unwrap();
+    ws.send(&colloquy_core::wire::ClientFrame::Ping)
+        .await
+        .unwrap();
+    let next = ws
+        .recv_until(T, |f| {
+            matches!(f, ServerFrame::Response { .. } | ServerFrame::Pong)
+        })
+        .await
+        .unwrap();
     assert_eq!(next, ServerFrame::Pong);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    ws.send(&colloquy_core::wire::ClientFrame::Ping).await.unwrap();
-    let next = ws.recv_until(T, |f| matches!(f, ServerFrame::Response { .. } | ServerFrame::Pong)).await.unwrap();
+    ws.send(&colloquy_core::wire::ClientFrame::Ping)
+        .await
+        .unwrap();
+    let next = ws
+        .recv_until(T, |f| {
+            matches!(f, ServerFrame::Response { .. } | ServerFrame::Pong)
+        })
+        .await
+        .unwrap();
     assert_eq!(next, ServerFrame::Pong, "nothing replayed twice");
     app.shutdown().await;
 }
@@ -116,7 +178,10 @@ async fn a_tab_that_stops_reading_loses_nothing_and_sees_nothing_twice() {
     // Long answers keep arriving while one tab does not read: its queue overflows, the gateway
     // drops live deliveries for it and must replay them from the inbox, while later answers
     // keep coming. Another tab of the same user sends, paced, and reads normally.
-    let llm = FakeLlmConfig { tokens: 1500, ..FakeLlmConfig::default() };
+    let llm = FakeLlmConfig {
+        tokens: 1500,
+        ..FakeLlmConfig::default()
+    };
     let app = TestApp::builder()
         .llm(colloquy_testkit::LlmChoice::Fake(llm))
         .consumer_config(|c| {
@@ -131,9 +196,17 @@ async fn a_tab_that_stops_reading_loses_nothing_and_sees_nothing_twice() {
     let mut sender = app.connect(0, "slow_reader").await.unwrap();
     let sending = tokio::spawn(async move {
         for i in 0..N {
-            sender.send_message(&format!("s{i}"), &format!("long answer please {i}")).await.unwrap();
+            sender
+                .send_message(&format!("s{i}"), &format!("long answer please {i}"))
+                .await
+                .unwrap();
             // Keep the sending tab's own socket drained.
-            while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(1), sender.recv(Duration::from_millis(1))).await {}
+            while let Ok(Ok(_)) = tokio::time::timeout(
+                Duration::from_millis(1),
+                sender.recv(Duration::from_millis(1)),
+            )
+            .await
+            {}
             tokio::time::sleep(Duration::from_millis(15)).await;
         }
         sender
@@ -144,7 +217,10 @@ async fn a_tab_that_stops_reading_loses_nothing_and_sees_nothing_twice() {
     while seen.len() < N {
         match reader.recv(Duration::from_secs(60)).await.unwrap() {
             Received::Frame(ServerFrame::Response { id, event_id, .. }) => {
-                assert!(events.insert(event_id.clone()), "event {event_id} seen twice");
+                assert!(
+                    events.insert(event_id.clone()),
+                    "event {event_id} seen twice"
+                );
                 assert!(seen.insert(id.clone()), "answer to {id} seen twice");
             }
             Received::Frame(_) => {}

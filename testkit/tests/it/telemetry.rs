@@ -17,11 +17,23 @@ async fn metrics_endpoint_exposes_the_whole_contract_after_one_message() {
     // Consumer lag comes from librdkafka statistics, emitted every 5 s.
     let mut missing = Vec::new();
     for _ in 0..40 {
-        let text = app.http.get(format!("{}/metrics", app.http_base(0))).send().await.unwrap().text().await.unwrap();
+        let text = app
+            .http
+            .get(format!("{}/metrics", app.http_base(0)))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         missing = CONTRACT
             .iter()
             .filter(|d| {
-                let series = if d.kind == Kind::Histogram { format!("{}_bucket", d.name) } else { d.name.to_owned() };
+                let series = if d.kind == Kind::Histogram {
+                    format!("{}_bucket", d.name)
+                } else {
+                    d.name.to_owned()
+                };
                 !text.lines().any(|l| l.starts_with(&series))
             })
             .map(|d| d.name)
@@ -40,11 +52,29 @@ async fn stage_latencies_cover_every_hop() {
     let app = TestApp::spawn().await.expect("stack");
     let mut ws = app.connect(0, "staged").await.unwrap();
     ws.send_message("s1", "which hops?").await.unwrap();
-    let ServerFrame::Response { .. } = ws.response_to("s1", Duration::from_secs(30)).await.unwrap() else { unreachable!() };
-    let text = app.http.get(format!("{}/metrics", app.http_base(0))).send().await.unwrap().text().await.unwrap();
+    let ServerFrame::Response { .. } = ws.response_to("s1", Duration::from_secs(30)).await.unwrap()
+    else {
+        unreachable!()
+    };
+    let text = app
+        .http
+        .get(format!("{}/metrics", app.http_base(0)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for stage in ["produce", "queue_wait", "llm", "relay", "fanout"] {
         let needle = format!("colloquy_stage_latency_seconds_count{{stage=\"{stage}\"}}");
-        assert!(text.contains(&needle), "no {stage} stage in\n{}", text.lines().filter(|l| l.contains("stage_latency_seconds_count")).collect::<Vec<_>>().join("\n"));
+        assert!(
+            text.contains(&needle),
+            "no {stage} stage in\n{}",
+            text.lines()
+                .filter(|l| l.contains("stage_latency_seconds_count"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
     app.shutdown().await;
 }
