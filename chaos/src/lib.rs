@@ -1,0 +1,21 @@
+//! Colloquy's chaos scenarios: the whole system as real processes on 127.0.0.1, a steady load of
+//! simulated users, and one component killed with SIGKILL and restarted mid-run. The delivery
+//! checker then says whether anything a client was acked for was lost, duplicated or invented.
+//!
+//! - [`binaries`]: where the service binaries, tansu, redis-server and nginx are found;
+//! - [`ports`]: ports that stay free while a killed process is down;
+//! - [`stack`]: the processes ([`Stack`]): start, kill -9, restart, wait until ready;
+//! - [`nginx`]: the edge configuration written for a stack;
+//! - [`scenarios`]: the scenarios and their run loop;
+//! - [`report`]: what a scenario found ([`ScenarioReport`]) and its table line.
+
+pub mod binaries;
+pub mod nginx;
+pub mod ports;
+pub mod report;
+pub mod scenarios;
+pub mod stack;
+
+pub use report::ScenarioReport;
+pub use scenarios::{Scenario, ScenarioConfig};
+pub use stack::{Component, Stack, StackOptions};
