@@ -186,8 +186,8 @@ cmd_up() {
 
   start gateway-1 "$RUN/services" "${svc_env[@]}" GATEWAY_LISTEN=127.0.0.1:8001 GATEWAY_INSTANCE_ID=gw1 -- "$BIN/colloquy-gateway"
   start gateway-2 "$RUN/services" "${svc_env[@]}" GATEWAY_LISTEN=127.0.0.1:8002 GATEWAY_INSTANCE_ID=gw2 -- "$BIN/colloquy-gateway"
-  start ai-consumer "$RUN/services" "${svc_env[@]}" METRICS_LISTEN=127.0.0.1:9101 -- "$BIN/colloquy-ai-consumer"
-  start relay "$RUN/services" "${svc_env[@]}" METRICS_LISTEN=127.0.0.1:9102 -- "$BIN/colloquy-relay"
+  start ai-consumer "$RUN/services" "${svc_env[@]}" METRICS_LISTEN=127.0.0.1:9101 KAFKA_GROUP_INSTANCE_ID=ai-consumer-1 -- "$BIN/colloquy-ai-consumer"
+  start relay "$RUN/services" "${svc_env[@]}" METRICS_LISTEN=127.0.0.1:9102 KAFKA_GROUP_INSTANCE_ID=relay-1 -- "$BIN/colloquy-relay"
   wait_for gateway-1 60 curl -fsS http://127.0.0.1:8001/ready
   wait_for gateway-2 60 curl -fsS http://127.0.0.1:8002/ready
   wait_for ai-consumer 60 curl -fsS http://127.0.0.1:9101/metrics

@@ -417,6 +417,8 @@ impl Stack {
             // without a 90 s wait.
             env("LLM_REQUEST_TIMEOUT_SECS", "4"),
             env("CLAIM_LEASE_SECS", "5"),
+            // Static membership: the restarted process takes its old place in the group.
+            env("KAFKA_GROUP_INSTANCE_ID", "ai-consumer-1"),
         ])
         .envs(opts.consumer_env.iter().cloned());
         self.procs.insert(Component::Consumer, consumer);
@@ -429,7 +431,10 @@ impl Stack {
             Probe::Http(format!("http://127.0.0.1:{relay_port}/health")),
         )
         .envs(common.iter().cloned())
-        .envs([env("METRICS_LISTEN", &format!("127.0.0.1:{relay_port}"))]);
+        .envs([
+            env("METRICS_LISTEN", &format!("127.0.0.1:{relay_port}")),
+            env("KAFKA_GROUP_INSTANCE_ID", "relay-1"),
+        ]);
         self.procs.insert(Component::Relay, relay);
 
         if opts.nginx {

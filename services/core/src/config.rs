@@ -41,6 +41,12 @@ pub struct KafkaConfig {
         default_value_t = 5
     )]
     pub fetch_wait_max_ms: u64,
+    /// Static group membership (`group.instance.id`): a stable, unique name per consumer
+    /// instance (e.g. `relay-1`). A process restarted after a crash then takes its old place in
+    /// the group at once instead of waiting out the session timeout (and, on tansu 0.6, instead
+    /// of being left with no partitions). Never give two live processes the same id.
+    #[arg(long = "kafka-group-instance-id", env = "KAFKA_GROUP_INSTANCE_ID")]
+    pub group_instance_id: Option<String>,
 }
 
 impl KafkaConfig {
@@ -53,6 +59,7 @@ impl KafkaConfig {
             produce_timeout_ms: 10_000,
             linger_ms: 2,
             fetch_wait_max_ms: 5,
+            group_instance_id: None,
         }
     }
 

@@ -65,7 +65,11 @@ pub fn consumer(
     group: &str,
     topics: &[&str],
 ) -> Result<StreamConsumer<ObservedContext>, KafkaSetupError> {
-    let consumer: StreamConsumer<ObservedContext> = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    if let Some(id) = &cfg.group_instance_id {
+        config.set("group.instance.id", id);
+    }
+    let consumer: StreamConsumer<ObservedContext> = config
         .set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("group.id", group)
         .set("client.id", service)

@@ -78,6 +78,7 @@ pub async fn subscriber(cfg: &RedisConfig) -> Result<SubscriberClient, RedisSetu
     let _ = sub.init().await.map_err(|e| {
         tracing::warn!(url = %cfg.url, error = %e, "Redis subscriber not connected yet; will keep reconnecting");
     });
-    let _ = sub.manage_subscriptions();
+    // Re-subscribes after reconnects for the client's lifetime; the task needs no handle.
+    drop(sub.manage_subscriptions());
     Ok(sub)
 }
