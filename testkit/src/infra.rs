@@ -55,8 +55,10 @@ pub struct InfraOptions {
     pub durable_kafka: bool,
 }
 
+// Two nodes per test: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Node {
-    Container(ContainerAsync<GenericImage>),
+    Container(Box<ContainerAsync<GenericImage>>),
     Process {
         child: Option<Child>,
         program: PathBuf,
@@ -324,7 +326,7 @@ async fn start_tansu_container(
         .start()
         .await
         .with_context(|| format!("cannot start {image} (build it: infra/images/build.sh)"))?;
-    Ok(Node::Container(c))
+    Ok(Node::Container(Box::new(c)))
 }
 
 async fn start_redis_container(port: u16) -> anyhow::Result<Node> {
@@ -339,7 +341,7 @@ async fn start_redis_container(port: u16) -> anyhow::Result<Node> {
         .start()
         .await
         .with_context(|| format!("cannot start {image} (build it: infra/images/build.sh)"))?;
-    Ok(Node::Container(c))
+    Ok(Node::Container(Box::new(c)))
 }
 
 /// Waits until something accepts connections on 127.0.0.1:`port`.

@@ -319,7 +319,10 @@ struct LooseUsage {
     completion_tokens: u32,
 }
 
-fn parse_chunk(data: &str) -> Option<(Option<String>, Option<(u32, u32)>)> {
+/// A chunk's text and, on the last chunk, its (prompt, completion) token usage.
+type ChunkContent = (Option<String>, Option<(u32, u32)>);
+
+fn parse_chunk(data: &str) -> Option<ChunkContent> {
     if let Ok(c) = serde_json::from_str::<CreateChatCompletionStreamResponse>(data) {
         let text = c
             .choices
@@ -455,7 +458,7 @@ fn classify_failure(status: StatusCode, retry_after: Option<Duration>, body: &st
             class: "auth",
             message: detail,
         },
-        400..=499 => Attempt::Fatal {
+        code if (400..500).contains(&code) => Attempt::Fatal {
             class: "client_error",
             message: detail,
         },

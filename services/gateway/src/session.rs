@@ -160,7 +160,8 @@ pub async fn run<S, R>(
                 match incoming {
                     Ok(Message::Text(text)) => match session.on_text(text.as_str()).await {
                         Some(Action::Reply(frame)) => {
-                            if sink.send(Message::Text(frame.to_json().into())).await.is_err() {
+                            let sent = sink.send(Message::Text(frame.to_json().into())).await;
+                            if sent.is_err() {
                                 break;
                             }
                         }

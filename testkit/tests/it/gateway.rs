@@ -34,7 +34,7 @@ async fn expect_error(ws: &mut WsClient, code: ErrorCode) -> ServerFrame {
 }
 
 async fn still_open(ws: &mut WsClient) {
-    ws.send_raw(r#"{"type":"ping"}"#).await.unwrap();
+    ws.send_raw(r#"{"type":"ping"}"#).await.expect("send ping");
     ws.recv_until(T, |f| matches!(f, ServerFrame::Pong))
         .await
         .expect("pong: the socket stays open");
