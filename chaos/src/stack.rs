@@ -71,6 +71,8 @@ pub struct StackOptions {
     pub fake_llm_env: Vec<(String, String)>,
     /// Extra environment of the ai-consumer.
     pub consumer_env: Vec<(String, String)>,
+    /// Extra environment of the gateways, the ai-consumer and the relay (e.g. the OTLP endpoint).
+    pub service_env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -85,6 +87,7 @@ impl Default for StackOptions {
                 env("FAKE_LLM_TOKENS_PER_SEC", "200"),
             ],
             consumer_env: Vec::new(),
+            service_env: Vec::new(),
         }
     }
 }
@@ -212,6 +215,8 @@ pub struct Stack {
     procs: BTreeMap<Component, Process>,
     path: PathBuf,
     gateway_ports: Vec<u16>,
+    /// `/metrics` of each service process: (service, URL).
+    metrics_urls: Vec<(&'static str, String)>,
     nginx_port: Option<u16>,
     kafka_bootstrap: String,
     redis_url: String,
@@ -238,6 +243,7 @@ impl Stack {
             procs: BTreeMap::new(),
             path: path.clone(),
             gateway_ports: Vec::new(),
+            metrics_urls: Vec::new(),
             nginx_port: None,
             kafka_bootstrap: String::new(),
             redis_url: String::new(),
@@ -370,15 +376,18 @@ impl Stack {
         .envs(opts.fake_llm_env.iter().cloned());
         self.procs.insert(Component::FakeLlm, llm);
 
-        let common = [
+        let mut common = vec![
             env("KAFKA_BOOTSTRAP_SERVERS", &self.kafka_bootstrap),
             env("REDIS_URL", &self.redis_url),
             env("KAFKA_PARTITIONS", &PARTITIONS.to_string()),
             env("RUST_LOG", "info"),
         ];
+        common.extend(opts.service_env.iter().cloned());
         for n in 0..2u8 {
             let port = listen_port()?;
             self.gateway_ports.push(port);
+            self.metrics_urls
+                .push(("gateway", format!("http://127.0.0.1:{port}/metrics")));
             let c = Component::Gateway(n);
             let gw = Process::new(
                 &bins.gateway,
@@ -396,6 +405,10 @@ impl Stack {
         }
 
         let consumer_port = listen_port()?;
+        self.metrics_urls.push((
+            "ai-consumer",
+            format!("http://127.0.0.1:{consumer_port}/metrics"),
+        ));
         let consumer = Process::new(
             &bins.consumer,
             &dir,
@@ -424,6 +437,8 @@ impl Stack {
         self.procs.insert(Component::Consumer, consumer);
 
         let relay_port = listen_port()?;
+        self.metrics_urls
+            .push(("relay", format!("http://127.0.0.1:{relay_port}/metrics")));
         let relay = Process::new(
             &bins.relay,
             &dir,
@@ -604,6 +619,12 @@ impl Stack {
                 .collect::<Vec<_>>()
                 .join(","),
         }
+    }
+
+    /// `/metrics` URL of each service process, with the service's name.
+    #[must_use]
+    pub fn metrics_urls(&self) -> &[(&'static str, String)] {
+        &self.metrics_urls
     }
 
     #[must_use]
