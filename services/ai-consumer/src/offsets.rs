@@ -33,10 +33,15 @@ impl OffsetTracker {
     /// read) when it moved forward.
     pub fn finish(&mut self, partition: i32, offset: i64) -> Option<i64> {
         let p = self.partitions.get_mut(&partition)?;
+        let was_lowest = p.in_flight.first() == Some(&offset);
         if !p.in_flight.remove(&offset) {
             return None;
         }
         p.highest_done = Some(p.highest_done.map_or(offset, |h| h.max(offset)));
+        if !was_lowest {
+            // Something below is still in flight: the committable point has not moved.
+            return None;
+        }
         let next = match p.in_flight.first() {
             Some(&lowest) => lowest,
             None => p.highest_done? + 1,

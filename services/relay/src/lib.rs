@@ -402,3 +402,14 @@ impl Application {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_writes_the_field_the_gateway_reads() {
+        let field = colloquy_core::records::INBOX_FIELD;
+        assert!(DELIVER_LUA.contains(&format!("'*', '{field}', ARGV[2]")));
+    }
+}
