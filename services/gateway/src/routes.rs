@@ -162,3 +162,159 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use colloquy_core::config::{KafkaConfig, RedisConfig};
+    use colloquy_core::names::Names;
+
+    use crate::auth::TokenService;
+    use crate::config::GatewayConfig;
+    use crate::fanout::Fanout;
+    use crate::rate_limit::{Gcra, RateLimiter};
+
+    /// State whose Kafka and Redis point at closed ports: routes that need neither still work,
+    /// and readiness reports both down.
+    async fn state(admin: Option<&str>) -> Arc<AppState> {
+        let mut cfg = GatewayConfig::local("127.0.0.1:0".parse().unwrap());
+        cfg.admin_token = admin.map(|a| secrecy::SecretString::from(a.to_owned()));
+        let kafka = KafkaConfig::local("127.0.0.1:1");
+        let redis = RedisConfig::local("redis://127.0.0.1:1");
+        let names = Names::default();
+        let producer = colloquy_core::kafka::producer(&kafka, "test").unwrap();
+        let pool = colloquy_core::redis::pool(&redis).await.unwrap();
+        let sub = colloquy_core::redis::subscriber(&redis).await.unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let fanout = Fanout::start(sub, names.clone(), 8, shutdown.clone());
+        let limiter = RateLimiter::new(
+            Gcra::per_period(10, Duration::from_secs(60)),
+            pool.clone(),
+            names.clone(),
+        );
+        let tokens = TokenService::new(&cfg.auth_secret, 60);
+        Arc::new(AppState::new(
+            cfg,
+            names,
+            producer,
+            pool,
+            tokens,
+            limiter,
+            fanout,
+            colloquy_core::metrics::recorder(),
+            shutdown,
+        ))
+    }
+
+    async fn call(app: Router, req: Request<Body>) -> (StatusCode, String) {
+        let resp = app.oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn health_metrics_and_chat_page() {
+        let app = router(state(None).await);
+        assert_eq!(
+            call(
+                app.clone(),
+                Request::get("/health").body(Body::empty()).unwrap()
+            )
+            .await,
+            (StatusCode::OK, "ok".into())
+        );
+        let (status, page) =
+            call(app.clone(), Request::get("/").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(page.contains("<html") || page.contains("<!doctype") || page.contains("<!DOCTYPE"));
+        let (status, _) = call(app, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn token_issue_validates_userid_and_verifies() {
+        let state = state(None).await;
+        let app = router(Arc::clone(&state));
+        let (status, body) = call(
+            app.clone(),
+            Request::post("/token?userid=dana")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let token = v["token"].as_str().unwrap();
+        assert_eq!(
+            state
+                .tokens
+                .verify(Some(token), &UserId::parse("dana").unwrap()),
+            Ok(())
+        );
+        for bad in [
+            "/token",
+            "/token?userid=d",
+            "/token?userid=a%3Ab",
+            "/token?userid=%7Bx%7Dyz",
+        ] {
+            let (status, _) =
+                call(app.clone(), Request::post(bad).body(Body::empty()).unwrap()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn token_issue_needs_the_admin_token_when_configured() {
+        let app = router(state(Some("adm")).await);
+        let (status, _) = call(
+            app.clone(),
+            Request::post("/token?userid=erin")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let wrong = Request::post("/token?userid=erin")
+            .header("authorization", "Bearer nope")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(call(app.clone(), wrong).await.0, StatusCode::UNAUTHORIZED);
+        let right = Request::post("/token?userid=erin")
+            .header("authorization", "Bearer adm")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(call(app, right).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn ready_reports_unreachable_dependencies_and_ws_needs_an_upgrade() {
+        let app = router(state(None).await);
+        let (status, body) = call(
+            app.clone(),
+            Request::get("/ready").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("\"kafka\":false") && body.contains("\"redis\":false"),
+            "{body}"
+        );
+        let (status, _) = call(
+            app,
+            Request::get("/ws?userid=frank&token=x")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert!(
+            status.is_client_error(),
+            "a plain GET is not an upgrade: {status}"
+        );
+    }
+}

@@ -312,3 +312,32 @@ async fn shutdown_closes_sockets_with_1012_after_finishing_in_flight_produces() 
     ws.response_to("d1", T).await.unwrap();
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_waiting_for_their_ack_are_bounded_per_socket() {
+    let mut app = TestApp::builder()
+        .produce_timeout_ms(20_000)
+        .gateway_config(|g| g.max_in_flight_per_connection = 2)
+        .spawn()
+        .await
+        .unwrap();
+    let mut ws = app.connect(0, "impatient").await.unwrap();
+    // With the broker gone, produces wait for their delivery report and stay in flight.
+    app.infra.kill_kafka().await.unwrap();
+    for i in 0..3 {
+        ws.send_message(&format!("f{i}"), "waiting").await.unwrap();
+    }
+    let ServerFrame::Error {
+        id,
+        message,
+        retry_after_ms,
+        ..
+    } = expect_error(&mut ws, ErrorCode::RateLimited).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(id.as_deref(), Some("f2"));
+    assert!(message.contains("waiting for their ack"), "{message}");
+    assert!(retry_after_ms.is_some());
+    still_open(&mut ws).await;
+}
