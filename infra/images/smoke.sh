@@ -22,6 +22,9 @@ tp="$(free_port)"
 CIDS+=("$(docker run -d -p "127.0.0.1:$tp:9092" -e "ADVERTISED_LISTENER_URL=tcp://127.0.0.1:$tp" colloquy/tansu:local)")
 for _ in $(seq 1 50); do port_open "$tp" && break; sleep 0.2; done
 port_open "$tp" || { log "tansu image: port $tp closed"; docker logs "${CIDS[-1]}" >&2; exit 1; }
-for _ in $(seq 1 25); do docker logs "${CIDS[-1]}" 2>&1 | grep -q "advertised: tcp://127.0.0.1:$tp" && break; sleep 0.2; done
-docker logs "${CIDS[-1]}" 2>&1 | grep -q "advertised: tcp://127.0.0.1:$tp" || { log "tansu image: wrong advertised listener"; docker logs "${CIDS[-1]}" >&2; exit 1; }
+# Read the logs into a variable first: `docker logs | grep -q` under pipefail fails when grep
+# exits early and docker logs gets SIGPIPE.
+advertised() { local logs; logs="$(docker logs "${CIDS[-1]}" 2>&1)"; grep -q "advertised: tcp://127.0.0.1:$tp" <<<"$logs"; }
+for _ in $(seq 1 25); do advertised && break; sleep 0.2; done
+advertised || { log "tansu image: wrong advertised listener"; docker logs "${CIDS[-1]}" >&2; exit 1; }
 log "colloquy/tansu:local accepts TCP on 127.0.0.1:$tp, advertising tcp://127.0.0.1:$tp"
