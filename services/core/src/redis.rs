@@ -24,7 +24,7 @@ pub enum RedisSetupError {
     },
 }
 
-fn builder(cfg: &RedisConfig) -> Result<Builder, RedisSetupError> {
+fn builder(cfg: &RedisConfig, broadcast_capacity: usize) -> Result<Builder, RedisSetupError> {
     let config = Config::from_url(&cfg.url).map_err(|source| RedisSetupError::Url {
         url: cfg.url.clone(),
         source,
@@ -38,9 +38,7 @@ fn builder(cfg: &RedisConfig) -> Result<Builder, RedisSetupError> {
     })
     .with_performance_config(|p: &mut PerformanceConfig| {
         p.default_command_timeout = timeout;
-        // fred's default (32) makes a busy gateway's subscriber lag and drop deliveries,
-        // each drop forcing every connection to replay from its inbox.
-        p.broadcast_channel_capacity = 16_384;
+        p.broadcast_channel_capacity = broadcast_capacity;
     })
     .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
     Ok(b)
@@ -52,7 +50,8 @@ fn builder(cfg: &RedisConfig) -> Result<Builder, RedisSetupError> {
 /// # Errors
 /// When the URL is invalid or the client cannot be built.
 pub async fn pool(cfg: &RedisConfig) -> Result<Pool, RedisSetupError> {
-    let pool = builder(cfg)?
+    // Command clients receive no pub/sub: keep fred's small default broadcast buffer.
+    let pool = builder(cfg, 32)?
         .build_pool(cfg.pool_size.max(1))
         .map_err(|source| RedisSetupError::Build {
             url: cfg.url.clone(),
@@ -69,7 +68,9 @@ pub async fn pool(cfg: &RedisConfig) -> Result<Pool, RedisSetupError> {
 /// # Errors
 /// When the URL is invalid or the client cannot be built.
 pub async fn subscriber(cfg: &RedisConfig) -> Result<SubscriberClient, RedisSetupError> {
-    let sub = builder(cfg)?
+    // fred's default (32) makes a busy gateway's subscriber lag and drop deliveries, each drop
+    // forcing every connection to replay from its inbox.
+    let sub = builder(cfg, 16_384)?
         .build_subscriber_client()
         .map_err(|source| RedisSetupError::Build {
             url: cfg.url.clone(),
