@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use colloquy_chaos::stack::{Stack, StackOptions, env};
-use colloquy_core::metrics::{CONTRACT, Kind};
+use colloquy_core::metrics::missing_from;
 use colloquy_core::wire::ServerFrame;
 use colloquy_testkit::client::{WsClient, fetch_token};
 use colloquy_testkit::otlp::{OtlpReceiver, ReceivedSpan};
@@ -119,19 +119,7 @@ async fn one_message_is_one_trace_across_three_processes_and_each_exposes_its_me
         let mut missing: Vec<&str> = Vec::new();
         for _ in 0..40 {
             let text = http.get(url).send().await.unwrap().text().await.unwrap();
-            missing = CONTRACT
-                .iter()
-                .filter(|d| d.services.contains(service))
-                .filter(|d| {
-                    let series = if d.kind == Kind::Histogram {
-                        format!("{}_bucket", d.name)
-                    } else {
-                        d.name.to_owned()
-                    };
-                    !text.lines().any(|l| l.starts_with(&series))
-                })
-                .map(|d| d.name)
-                .collect();
+            missing = missing_from(&text, Some(service));
             if missing.is_empty() {
                 break;
             }

@@ -353,6 +353,25 @@ pub fn is_contract_series(series: &str) -> bool {
     })
 }
 
+/// Contract metrics that a Prometheus text exposition lacks, limited to those `service` emits
+/// (all of them for `None`). Histograms count as present once a `_bucket` series exists.
+#[must_use]
+pub fn missing_from(exposition: &str, service: Option<&str>) -> Vec<&'static str> {
+    CONTRACT
+        .iter()
+        .filter(|d| service.is_none_or(|s| d.services.contains(&s)))
+        .filter(|d| {
+            let series = if d.kind == Kind::Histogram {
+                format!("{}_bucket", d.name)
+            } else {
+                d.name.to_owned()
+            };
+            !exposition.lines().any(|l| l.starts_with(&series))
+        })
+        .map(|d| d.name)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,6 +417,19 @@ mod tests {
                 .windows(2)
                 .all(|w| w[1] / w[0] <= 2.0 + f64::EPSILON)
         );
+    }
+
+    #[test]
+    fn missing_from_reads_an_exposition() {
+        let text = "colloquy_messages_total{service=\"relay\"} 1\ncolloquy_stage_latency_seconds_bucket{le=\"1\"} 1\n";
+        let missing = missing_from(text, Some("relay"));
+        assert!(!missing.contains(&MESSAGES) && !missing.contains(&STAGE_LATENCY));
+        assert!(missing.contains(&BUILD_INFO));
+        assert!(
+            !missing.contains(&E2E_LATENCY),
+            "a gateway-only metric is not the relay's"
+        );
+        assert!(missing_from(text, None).contains(&E2E_LATENCY));
     }
 
     #[test]

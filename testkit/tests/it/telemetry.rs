@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use colloquy_core::metrics::{CONTRACT, Kind};
+use colloquy_core::metrics::missing_from;
 use colloquy_core::wire::ServerFrame;
 use colloquy_testkit::TestApp;
 
@@ -26,18 +26,7 @@ async fn metrics_endpoint_exposes_the_whole_contract_after_one_message() {
             .text()
             .await
             .unwrap();
-        missing = CONTRACT
-            .iter()
-            .filter(|d| {
-                let series = if d.kind == Kind::Histogram {
-                    format!("{}_bucket", d.name)
-                } else {
-                    d.name.to_owned()
-                };
-                !text.lines().any(|l| l.starts_with(&series))
-            })
-            .map(|d| d.name)
-            .collect();
+        missing = missing_from(&text, None);
         if missing.is_empty() {
             break;
         }
