@@ -61,11 +61,21 @@ pub const REDIS_ERRORS: &str = "colloquy_redis_errors_total";
 pub const KAFKA_ERRORS: &str = "colloquy_kafka_errors_total";
 pub const REPLAYED: &str = "colloquy_replayed_deliveries_total";
 pub const DUPLICATES: &str = "colloquy_duplicates_skipped_total";
+pub const OFFSET_GAPS: &str = "colloquy_consumer_offset_gaps_total";
+pub const ASSIGNED_PARTITIONS: &str = "colloquy_consumer_assigned_partitions";
+pub const REJOINS: &str = "colloquy_consumer_rejoins_total";
+pub const UNANSWERED: &str = "colloquy_unanswered_messages";
+pub const UNANSWERED_OLDEST_AGE: &str = "colloquy_unanswered_oldest_age_seconds";
+pub const PROBE_SUCCESS: &str = "colloquy_probe_success";
+pub const PROBE_LATENCY: &str = "colloquy_probe_latency_seconds";
+pub const PROBES: &str = "colloquy_probes_total";
 
 const GATEWAY: &[&str] = &["gateway"];
 const CONSUMER: &[&str] = &["ai-consumer"];
 const ALL: &[&str] = &["gateway", "ai-consumer", "relay"];
 const KAFKA_CONSUMERS: &[&str] = &["ai-consumer", "relay"];
+const RELAY: &[&str] = &["relay"];
+const PROBER: &[&str] = &["prober"];
 
 /// Every metric Colloquy emits.
 pub const CONTRACT: &[MetricDef] = &[
@@ -230,6 +240,78 @@ pub const CONTRACT: &[MetricDef] = &[
         services: ALL,
         zero: Some(&[]),
         help: "Duplicates detected and skipped (redelivered messages, repeated deliveries)",
+    },
+    MetricDef {
+        name: OFFSET_GAPS,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["service", "topic"],
+        services: KAFKA_CONSUMERS,
+        zero: Some(&["none"]),
+        help: "Jumps in a partition's offsets seen by a consumer (healed by seeking back); any is a fault",
+    },
+    MetricDef {
+        name: ASSIGNED_PARTITIONS,
+        kind: Kind::Gauge,
+        unit: "",
+        labels: &["service"],
+        services: KAFKA_CONSUMERS,
+        zero: Some(&[]),
+        help: "Partitions this consumer holds now",
+    },
+    MetricDef {
+        name: REJOINS,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["service"],
+        services: KAFKA_CONSUMERS,
+        zero: Some(&[]),
+        help: "Times a consumer left with no partitions for too long rejoined its group",
+    },
+    MetricDef {
+        name: UNANSWERED,
+        kind: Kind::Gauge,
+        unit: "",
+        labels: &[],
+        services: RELAY,
+        zero: Some(&[]),
+        help: "Acked messages whose answer or failure is not yet durable in the inbox (audit)",
+    },
+    MetricDef {
+        name: UNANSWERED_OLDEST_AGE,
+        kind: Kind::Gauge,
+        unit: "seconds",
+        labels: &[],
+        services: RELAY,
+        zero: Some(&[]),
+        help: "Age of the oldest acked message with no durable answer or failure (audit)",
+    },
+    MetricDef {
+        name: PROBE_SUCCESS,
+        kind: Kind::Gauge,
+        unit: "",
+        labels: &[],
+        services: PROBER,
+        zero: Some(&[]),
+        help: "1 when the last synthetic probe through the edge got its answer in time, else 0",
+    },
+    MetricDef {
+        name: PROBE_LATENCY,
+        kind: Kind::Histogram,
+        unit: "seconds",
+        labels: &["stage"],
+        services: PROBER,
+        zero: None,
+        help: "Synthetic probe latency from send to ack, first_delta and answer",
+    },
+    MetricDef {
+        name: PROBES,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["outcome"],
+        services: PROBER,
+        zero: Some(&["success"]),
+        help: "Synthetic probes by outcome (success, connect_failed, no_ack, no_answer, error)",
     },
 ];
 
