@@ -93,6 +93,18 @@ impl Names {
     pub fn memory_key(&self, user: &UserId) -> String {
         format!("{}memory:{user}", self.redis_prefix)
     }
+    /// The unanswered-message audit: a sorted set of acked messages (score = ack time in ms)
+    /// that the gateway adds to after each ack and the relay's delivery script removes from.
+    #[must_use]
+    pub fn audit_key(&self) -> String {
+        format!("{}audit:unanswered", self.redis_prefix)
+    }
+    /// The audit set's member for one message. A userid never contains a space, so the first
+    /// space separates it from the (client-chosen) message id.
+    #[must_use]
+    pub fn audit_member(user: &UserId, msg_id: &str) -> String {
+        format!("{user} {msg_id}")
+    }
     /// A user's GCRA state.
     #[must_use]
     pub fn rate_key(&self, user: &UserId) -> String {
