@@ -38,6 +38,8 @@ pid_running() {
 alive() { local p; p="$(pid_of "$1")"; [ -n "$p" ] && pid_running "$p"; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# Redis answers PING with an error while it loads its append-only file: wait for PONG.
+redis_ready() { [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = PONG ]; }
 
 # wait_for NAME TIMEOUT_S CHECK...: poll CHECK until it succeeds; fail if NAME's process died.
 wait_for() {
@@ -165,10 +167,12 @@ cmd_up() {
       --storage-engine "$storage"
   wait_for tansu 60 port_open 9092
 
+  # The inbox is the only copy of an answer once the relay stored its offset: fsync the AOF on
+  # every write, so a kill -9 of Redis loses nothing that was acknowledged (DESIGN: Delivery).
   start redis "$RUN/redis" -- \
     redis-server --port 6379 --bind 127.0.0.1 --daemonize no --supervised no \
-      --dir "$RUN/redis" --appendonly yes --save '' --logfile ''
-  wait_for redis 30 redis-cli -h 127.0.0.1 -p 6379 ping
+      --dir "$RUN/redis" --appendonly yes --appendfsync always --save '' --logfile ''
+  wait_for redis 60 redis_ready
 
   local svc_env=(
     KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092
@@ -190,8 +194,9 @@ cmd_up() {
   start relay "$RUN/services" "${svc_env[@]}" METRICS_LISTEN=127.0.0.1:9102 KAFKA_GROUP_INSTANCE_ID=relay-1 -- "$BIN/colloquy-relay"
   wait_for gateway-1 60 curl -fsS http://127.0.0.1:8001/ready
   wait_for gateway-2 60 curl -fsS http://127.0.0.1:8002/ready
-  wait_for ai-consumer 60 curl -fsS http://127.0.0.1:9101/metrics
-  wait_for relay 60 curl -fsS http://127.0.0.1:9102/metrics
+  # Ready means holding partitions: until then the first messages would wait for a rebalance.
+  wait_for ai-consumer 90 curl -fsS http://127.0.0.1:9101/ready
+  wait_for relay 90 curl -fsS http://127.0.0.1:9102/ready
 
   # nginx's prefix is run/: its relative paths are run/logs, run/pids (it writes the same pid we
   # record) and run/nginx for temp files.

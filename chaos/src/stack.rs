@@ -413,7 +413,7 @@ impl Stack {
             &bins.consumer,
             &dir,
             log(Component::Consumer),
-            Probe::Http(format!("http://127.0.0.1:{consumer_port}/health")),
+            Probe::Http(format!("http://127.0.0.1:{consumer_port}/ready")),
         )
         .envs(common.iter().cloned())
         .envs([
@@ -443,7 +443,7 @@ impl Stack {
             &bins.relay,
             &dir,
             log(Component::Relay),
-            Probe::Http(format!("http://127.0.0.1:{relay_port}/health")),
+            Probe::Http(format!("http://127.0.0.1:{relay_port}/ready")),
         )
         .envs(common.iter().cloned())
         .envs([
@@ -541,8 +541,55 @@ impl Stack {
         Ok(())
     }
 
+    /// Stops `c` as an operator would (SIGTERM, then SIGKILL after 10 s) and reaps it.
+    ///
+    /// # Errors
+    /// When it is not running or cannot be signalled.
+    pub async fn stop(&mut self, c: Component) -> anyhow::Result<()> {
+        let proc = self.process(c)?;
+        let mut child = proc
+            .child
+            .take()
+            .with_context(|| format!("{c} is not running"))?;
+        if let Some(pid) = child.id() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+        if tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(component = %c, "did not stop within 10 s; SIGKILL");
+            child
+                .kill()
+                .await
+                .with_context(|| format!("cannot kill {c}"))?;
+        }
+        proc.mark("stopped with SIGTERM");
+        Ok(())
+    }
+
+    /// `scripts/stack.sh down && scripts/stack.sh up`: stops every process (services first,
+    /// the broker last), then starts them all in order and waits until each is ready (the
+    /// consumers: until they hold partitions). Data directories are kept.
+    ///
+    /// # Errors
+    /// When a process cannot be stopped or does not become ready again.
+    pub async fn restart_all(&mut self) -> anyhow::Result<()> {
+        let order: Vec<Component> = self.procs.keys().rev().copied().collect();
+        for c in order {
+            if self.process(c)?.child.is_some() {
+                self.stop(c).await?;
+            }
+        }
+        self.start_all().await
+    }
+
     /// Waits until `c` serves: the gateway's `/ready` (Kafka and Redis reachable), the
-    /// ai-consumer's and the relay's `/health`, a listening port for the others.
+    /// ai-consumer's and the relay's `/ready` (they hold partitions), a listening port for
+    /// the others.
     ///
     /// # Errors
     /// When it exits or is not ready within 60 s; the message carries the end of its log.

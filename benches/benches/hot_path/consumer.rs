@@ -5,7 +5,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput};
 
-use colloquy_ai_consumer::lanes::Lanes;
+use colloquy_ai_consumer::lanes::{Lanes, Pushed};
 use colloquy_ai_consumer::offsets::OffsetTracker;
 use colloquy_core::UserId;
 
@@ -51,7 +51,7 @@ fn lanes(c: &mut Criterion) {
             let mut runners = Vec::with_capacity(users.len());
             for job in 0..64_u64 {
                 let user = &users[(job % 16) as usize];
-                if let Some(first) = lanes.push(user, job) {
+                if let Pushed::Run(first) = lanes.push(user, job) {
                     runners.push((user, first));
                 }
             }

@@ -23,6 +23,13 @@ pub struct ConsumerConfig {
     /// Messages answered at once across all partitions (the original's pool had 50 threads).
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 50)]
     pub max_in_flight: usize,
+    /// Messages read and waiting for their user's lane, across users, before the consumer
+    /// pauses its partitions (it keeps polling, so the group does not evict it).
+    #[arg(long, env = "MAX_QUEUED", default_value_t = 2_000)]
+    pub max_queued: usize,
+    /// Messages of one user waiting in their lane before the consumer pauses its partitions.
+    #[arg(long, env = "MAX_QUEUED_PER_USER", default_value_t = 100)]
+    pub max_queued_per_user: usize,
     /// OpenAI-compatible base URL (the fake LLM of the local stack by default).
     #[arg(
         long,
@@ -70,7 +77,8 @@ pub struct ConsumerConfig {
     /// Lifetime of a user's memory after their last message, seconds.
     #[arg(long, env = "MEMORY_TTL_SECS", default_value_t = 86_400)]
     pub memory_ttl_secs: u64,
-    /// Lease on a message while it is being answered, seconds (renewed before each attempt).
+    /// Lease on a message while it is being answered, seconds (renewed every third of it
+    /// while the call runs, so it outlives any attempt timeout and honoured `Retry-After`).
     #[arg(long, env = "CLAIM_LEASE_SECS", default_value_t = 90)]
     pub lease_secs: u64,
     /// How long an answered message stays marked done, seconds.
@@ -82,29 +90,14 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
-    /// Defaults for a test or local run against `base_url`.
+    /// The defaults (one place: the clap attributes above) with the LLM at `base_url` and
+    /// the metrics endpoint on a free port, for a test or local run.
     #[must_use]
     pub fn local(base_url: impl Into<String>) -> Self {
         Self {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            group: "ai-consumer".into(),
-            max_in_flight: 50,
             base_url: base_url.into(),
-            api_key: None,
-            model: "gpt-4o-mini".into(),
-            system_prompt: "You are a helpful assistant.".into(),
-            stream: true,
-            request_timeout_secs: 60,
-            backoff_base_ms: 500,
-            backoff_cap_ms: 20_000,
-            max_attempts: 7,
-            delta_batch_tokens: 8,
-            delta_batch_ms: 50,
-            memory_turns: 5,
-            memory_ttl_secs: 86_400,
-            lease_secs: 90,
-            done_ttl_secs: 86_400,
-            shutdown_grace_secs: 10,
+            ..colloquy_core::config::defaults()
         }
     }
 

@@ -1,9 +1,11 @@
 //! Colloquy's AI consumer: `incoming_messages` → LLM → `responses`.
 //!
 //! Up to `max_in_flight` messages are answered at once across all partitions; a user's
-//! messages are answered in order (one lane per user); offsets are stored only up to the
-//! lowest unfinished offset of each partition; when the limit is reached consumption pauses,
-//! so memory stays bounded under any backlog.
+//! messages are answered in order (one lane per user, [`lanes`]); offsets are stored only up
+//! to the lowest unfinished offset of each partition ([`offsets`]); every record's offset is
+//! checked for gaps (a skipped record is fetched again, `colloquy_core::offset_gaps`); when
+//! too many messages wait in lanes the partitions are paused (polling goes on, so the group
+//! keeps the consumer), so memory stays bounded under any backlog.
 
 pub mod claim;
 pub mod config;
@@ -19,22 +21,24 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Header, Message};
-use rdkafka::producer::{FutureRecord, Producer};
-use rdkafka::util::Timeout;
-use tokio::sync::Semaphore;
+use rdkafka::message::{Message, OwnedHeaders};
+use rdkafka::producer::Producer;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use colloquy_core::config::{KafkaConfig, RedisConfig};
-use colloquy_core::kafka::ObservedContext;
+use colloquy_core::dead_letter::DeadLetters;
+use colloquy_core::kafka::{Membership, ObservedContext};
 use colloquy_core::names::Names;
+use colloquy_core::offset_gaps::GapDetector;
 use colloquy_core::records::{IncomingRecord, headers};
+use colloquy_core::retry::RetryError;
 use colloquy_core::{kafka, metrics as m, now_ms};
 
 use crate::claim::Claims;
 use crate::config::ConsumerConfig;
-use crate::lanes::Lanes;
+use crate::lanes::{Lanes, Pushed, Step, run_lane};
 use crate::llm::LlmClient;
 use crate::memory::Memory;
 use crate::offsets::OffsetTracker;
@@ -52,9 +56,13 @@ pub struct Settings {
 /// A built ai-consumer, subscribed, not yet consuming.
 pub struct Application {
     consumer: Arc<StreamConsumer<ObservedContext>>,
+    membership: Arc<Membership>,
     worker: Arc<Worker>,
     incoming_topic: String,
     max_in_flight: usize,
+    max_queued: usize,
+    max_queued_per_user: usize,
+    rejoin_after: Duration,
     grace: Duration,
     metrics_addr: SocketAddr,
     stop: CancellationToken,
@@ -85,17 +93,41 @@ impl Application {
             tracing::warn!(error = %e, "could not ensure topics at start");
         }
         let incoming_topic = names.incoming_topic();
+        let producer = kafka::producer(&kcfg, "ai-consumer").context("Kafka producer")?;
+        let required = [
+            incoming_topic.clone(),
+            names.responses_topic(),
+            names.incoming_dlq_topic(),
+        ];
+        kafka::require_topics(
+            &producer,
+            &kcfg.bootstrap_servers,
+            &required,
+            Duration::from_secs(30),
+        )
+        .await
+        .context("refusing to start")?;
         let consumer = kafka::consumer(&kcfg, "ai-consumer", &cfg.group, &[&incoming_topic])
             .context("Kafka consumer")?;
-        let producer = kafka::producer(&kcfg, "ai-consumer").context("Kafka producer")?;
+        let membership = consumer.context().membership();
         let pool = colloquy_core::redis::pool(&redis)
             .await
             .context("Redis pool")?;
-        let instance = uuid_like();
+        // The lease owner: the static group instance id survives a restart, so a restarted
+        // process takes over its predecessor's leases; otherwise a fresh id per process.
+        let owner = kcfg
+            .group_instance_id
+            .clone()
+            .unwrap_or_else(|| format!("{:x}-{}", rand::random::<u64>(), std::process::id()));
         let stop = CancellationToken::new();
-        let metrics_addr = colloquy_core::admin::serve(cfg.metrics_listen, stop.clone())
-            .await
-            .with_context(|| format!("cannot listen on {}", cfg.metrics_listen))?;
+        let ready = Arc::clone(&membership);
+        let metrics_addr = colloquy_core::admin::serve(
+            cfg.metrics_listen,
+            Arc::new(move || ready.readiness()),
+            stop.clone(),
+        )
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.metrics_listen))?;
         let llm = LlmClient::new(
             &cfg.base_url,
             cfg.api_key.clone(),
@@ -110,31 +142,43 @@ impl Application {
             claims: Claims::new(
                 pool.clone(),
                 names.clone(),
-                &instance,
-                Duration::from_secs(cfg.lease_secs),
+                &owner,
+                Duration::from_secs(cfg.lease_secs.max(3)),
                 Duration::from_secs(cfg.done_ttl_secs),
             ),
             memory: Memory::new(
-                pool,
+                pool.clone(),
                 names.clone(),
                 cfg.memory_turns,
                 Duration::from_secs(cfg.memory_ttl_secs),
             ),
+            redis: pool,
+            dead_letters: DeadLetters::new(
+                producer.clone(),
+                names.incoming_dlq_topic(),
+                "ai-consumer",
+                kcfg.produce_timeout(),
+            ),
+            names: names.clone(),
             producer,
             responses_topic: names.responses_topic(),
-            dlq_topic: names.incoming_dlq_topic(),
             system_prompt: cfg.system_prompt.clone(),
             stream: cfg.stream,
             delta_batch_tokens: cfg.delta_batch_tokens.max(1),
             delta_batch: Duration::from_millis(cfg.delta_batch_ms),
             produce_timeout: kcfg.produce_timeout(),
             shutdown: stop.clone(),
+            stored_answer: worker::stored_answer_script(),
         });
         Ok(Self {
             consumer: Arc::new(consumer),
+            membership,
             worker,
             incoming_topic,
             max_in_flight: cfg.max_in_flight.max(1),
+            max_queued: cfg.max_queued.max(1),
+            max_queued_per_user: cfg.max_queued_per_user.max(1),
+            rejoin_after: Duration::from_secs(kcfg.rejoin_after_secs.max(1)),
             grace: Duration::from_secs(cfg.shutdown_grace_secs),
             metrics_addr,
             stop,
@@ -148,25 +192,47 @@ impl Application {
     }
 
     /// Consumes until `shutdown` fires. Unfinished work is then abandoned without storing its
-    /// offsets (it is redelivered), stored offsets are committed and the producer flushed.
+    /// offsets (it is redelivered; its leases are released), stored offsets are committed and
+    /// the producer flushed.
     ///
     /// # Errors
     /// Only on unrecoverable set-up failures; per-message errors are handled inside.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let permits = Arc::new(Semaphore::new(self.max_in_flight));
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
-        let lanes: Arc<Lanes<(Job, tokio::sync::OwnedSemaphorePermit)>> =
-            Arc::new(Lanes::default());
+        let lanes: Arc<Lanes<Job>> = Arc::new(Lanes::default());
+        let progress = Arc::new(Notify::new());
         let tasks = TaskTracker::new();
+        let mut gaps = GapDetector::default();
+        let mut generation = self.membership.generation();
+        let mut paused = false;
+        tokio::spawn(kafka::rejoin_when_idle(
+            Arc::clone(&self.consumer),
+            vec![self.incoming_topic.clone()],
+            self.rejoin_after,
+            self.stop.clone(),
+        ));
         tracing::info!(topic = %self.incoming_topic, max_in_flight = self.max_in_flight, "ai-consumer running");
         loop {
-            // Backpressure: take a slot before reading, so at most max_in_flight records are held.
-            let permit = tokio::select! {
-                () = shutdown.cancelled() => break,
-                p = Arc::clone(&permits).acquire_owned() => p.context("semaphore closed")?,
-            };
+            // A rebalance: per-partition state of what we no longer hold is forgotten, and
+            // reading restarts from committed offsets (a rewind, never a gap).
+            if self.membership.generation() != generation {
+                generation = self.membership.generation();
+                gaps.clear();
+                let held = self.membership.partitions(&self.incoming_topic);
+                lock(&tracker).retain(|p| held.contains(&p));
+                paused = false;
+            }
+            // Backpressure: pause the partitions while lanes hold too much, resume at half.
+            let queued = lanes.queued();
+            if !paused && queued >= self.max_queued {
+                paused = self.pause(true);
+            } else if paused && queued <= self.max_queued / 2 {
+                paused = !self.pause(false);
+            }
             let msg = tokio::select! {
                 () = shutdown.cancelled() => break,
+                () = progress.notified(), if paused => continue,
                 m = self.consumer.recv() => m,
             };
             let msg = match msg {
@@ -179,6 +245,15 @@ impl Application {
                 }
             };
             let (partition, offset) = (msg.partition(), msg.offset());
+            if !kafka::admit_offset(
+                &*self.consumer,
+                &mut gaps,
+                &self.incoming_topic,
+                partition,
+                offset,
+            ) {
+                continue;
+            }
             lock(&tracker).start(partition, offset);
             let traceparent =
                 kafka::header_str(msg.headers(), headers::TRACEPARENT).map(str::to_owned);
@@ -193,13 +268,33 @@ impl Application {
                         Some(Ok(r)) => format!("unsupported schema version {}", r.v),
                         Some(Err(e)) => format!("unreadable record: {e}"),
                     };
-                    self.dead_letter_raw(msg.payload().unwrap_or_default(), msg.key(), &reason)
+                    let written = self
+                        .worker
+                        .dead_letters
+                        .write(
+                            msg.payload().unwrap_or_default(),
+                            msg.key(),
+                            OwnedHeaders::new(),
+                            &reason,
+                            &shutdown,
+                        )
                         .await;
-                    self.finish(&tracker, partition, offset);
+                    metrics::counter!(m::MESSAGES, "service" => "ai-consumer", "outcome" => "dead_lettered").increment(1);
+                    match written {
+                        Ok(()) => self.finish(&tracker, partition, offset),
+                        // The record stays the only copy: its offset is never stored, so the
+                        // partition's commit point waits below it (lag shows it) and it is
+                        // read again after a restart, when the DLQ may be writable.
+                        Err(RetryError::Cancelled) => break,
+                        Err(e) => {
+                            tracing::error!(partition, offset, error = %e, "unreadable record kept unstored: its dead letter failed")
+                        }
+                    }
                     continue;
                 }
             };
             drop(msg);
+            let user = record.userid.clone();
             let job = Job {
                 record,
                 partition,
@@ -207,35 +302,59 @@ impl Application {
                 traceparent,
                 enqueued_at_ms,
             };
-            let user = job.record.userid.clone();
-            metrics::gauge!(m::LLM_IN_FLIGHT).increment(1.0);
-            let Some(first) = lanes.push(&user, (job, permit)) else {
-                continue;
+            let first = match lanes.push(&user, job) {
+                Pushed::Run(first) => first,
+                Pushed::Queued(waiting) => {
+                    if !paused && waiting >= self.max_queued_per_user {
+                        tracing::info!(userid = %user, waiting, "one user's backlog is full; pausing");
+                        paused = self.pause(true);
+                    }
+                    continue;
+                }
             };
             // The user's lane was idle: run it until it drains.
-            let (worker, lanes, tracker, consumer, topic) = (
+            let (worker, lanes, tracker, consumer, topic, permits, stop, progress) = (
                 Arc::clone(&self.worker),
                 Arc::clone(&lanes),
                 Arc::clone(&tracker),
                 Arc::clone(&self.consumer),
                 self.incoming_topic.clone(),
+                Arc::clone(&permits),
+                self.stop.clone(),
+                Arc::clone(&progress),
             );
             tasks.spawn(async move {
-                let mut next = Some(first);
-                while let Some((job, permit)) = next {
-                    let handled = worker.handle(&job).await;
-                    metrics::gauge!(m::LLM_IN_FLIGHT).decrement(1.0);
-                    drop(permit);
-                    if handled == Handled::Abandoned {
-                        // Shutdown: leave this and every later offset of the lane unstored.
-                        while lanes.next(&user).is_some() {
+                let recovery = Arc::clone(&worker);
+                run_lane(
+                    &lanes,
+                    &user,
+                    first,
+                    &permits,
+                    &stop,
+                    |job| {
+                        let worker = Arc::clone(&worker);
+                        async move {
+                            metrics::gauge!(m::LLM_IN_FLIGHT).increment(1.0);
+                            let handled = worker.handle(&job).await;
                             metrics::gauge!(m::LLM_IN_FLIGHT).decrement(1.0);
+                            step(handled)
                         }
-                        return;
-                    }
-                    store(&consumer, &topic, &tracker, job.partition, job.offset);
-                    next = lanes.next(&user);
-                }
+                    },
+                    |job, panic| {
+                        let worker = Arc::clone(&recovery);
+                        async move {
+                            metrics::gauge!(m::LLM_IN_FLIGHT).decrement(1.0);
+                            metrics::counter!(m::MESSAGES, "service" => "ai-consumer", "outcome" => "panicked").increment(1);
+                            tracing::error!(userid = %job.record.userid, msg_id = %job.record.msg_id, %panic, "answering a message panicked; the user is told it failed");
+                            step(worker.fail(&job, "internal error while answering; send it again").await)
+                        }
+                    },
+                    |job| {
+                        store(&consumer, &topic, &tracker, job.partition, job.offset);
+                        progress.notify_one();
+                    },
+                )
+                .await;
             });
         }
         tracing::info!("ai-consumer stopping: abandoning unfinished work");
@@ -260,6 +379,32 @@ impl Application {
         Ok(())
     }
 
+    /// Pauses (or resumes) every partition held; returns whether the call took effect.
+    fn pause(&self, pause: bool) -> bool {
+        let assignment = match self.consumer.assignment() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "assignment unknown; backpressure not applied");
+                return false;
+            }
+        };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        match result {
+            Ok(()) => {
+                tracing::debug!(pause, partitions = assignment.count(), "backpressure");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(pause, error = %e, "pause/resume failed");
+                false
+            }
+        }
+    }
+
     fn finish(&self, tracker: &Mutex<OffsetTracker>, partition: i32, offset: i64) {
         store(
             &self.consumer,
@@ -269,28 +414,13 @@ impl Application {
             offset,
         );
     }
+}
 
-    async fn dead_letter_raw(&self, payload: &[u8], key: Option<&[u8]>, reason: &str) {
-        tracing::warn!(%reason, "record dead-lettered");
-        let headers = rdkafka::message::OwnedHeaders::new().insert(Header {
-            key: "dlq_reason",
-            value: Some(reason),
-        });
-        let mut record = FutureRecord::to(&self.worker.dlq_topic)
-            .payload(payload)
-            .headers(headers);
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        match self.worker.producer.send(record, Timeout::After(Duration::from_secs(30))).await {
-            Ok(_) => metrics::counter!(m::DLQ_WRITES, "service" => "ai-consumer", "topic" => self.worker.dlq_topic.clone()).increment(1),
-            Err((e, _)) => {
-                metrics::counter!(m::KAFKA_ERRORS, "service" => "ai-consumer", "op" => "dlq").increment(1);
-                tracing::error!(error = %e, %reason, "dead letter not written");
-            }
-        }
-        metrics::counter!(m::MESSAGES, "service" => "ai-consumer", "outcome" => "dead_lettered")
-            .increment(1);
+fn step(handled: Handled) -> Step {
+    if handled == Handled::Abandoned {
+        Step::Abandoned
+    } else {
+        Step::Done
     }
 }
 
@@ -313,8 +443,4 @@ fn store(
         // The partition was revoked meanwhile; its new owner will redo the unstored work.
         tracing::debug!(partition, error = %e, "offset not stored");
     }
-}
-
-fn uuid_like() -> String {
-    format!("{:x}-{}", rand::random::<u64>(), std::process::id())
 }

@@ -18,7 +18,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use colloquy_core::backoff::Backoff;
+use colloquy_core::backoff::{Backoff, MAX_HINT};
 use colloquy_core::metrics as m;
 
 /// One turn of the conversation, as kept in memory.
@@ -170,25 +170,17 @@ impl LlmClient {
 
     /// Answers `turns`, retrying 429, 5xx, timeouts and transport errors with backoff.
     ///
-    /// `before_attempt` runs before every attempt (the caller renews its claim there).
-    ///
     /// # Errors
     /// [`LlmError`] when the call fails for good.
-    pub async fn complete<F, Fut>(
+    pub async fn complete(
         &self,
         turns: &[Turn],
         deltas: &mut dyn DeltaSink,
-        mut before_attempt: F,
-    ) -> Result<Answer, LlmError>
-    where
-        F: FnMut(u32) -> Fut,
-        Fut: std::future::Future<Output = ()>,
-    {
+    ) -> Result<Answer, LlmError> {
         let body = self.request(turns);
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            before_attempt(attempts).await;
             let started = Instant::now();
             let outcome =
                 match tokio::time::timeout(self.timeout, self.attempt(&body, deltas)).await {
@@ -472,19 +464,26 @@ fn classify_failure(status: StatusCode, retry_after: Option<Duration>, body: &st
 
 /// The server's `Retry-After`, as delta-seconds or an HTTP date.
 #[must_use]
+///
+/// Whatever the server says, the hint is at most [`MAX_HINT`]: a hostile or broken server
+/// (`Retry-After: 1e20`, a date in the year 9999) must not stall a message, let alone panic.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs.min(MAX_HINT.as_secs())));
     }
     if let Ok(secs) = value.parse::<f64>()
         && secs.is_finite()
         && secs >= 0.0
     {
-        return Some(Duration::from_secs_f64(secs));
+        return Some(Duration::from_secs_f64(secs.min(MAX_HINT.as_secs_f64())));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_HINT),
+    )
 }
 
 #[cfg(test)]
@@ -506,6 +505,30 @@ mod tests {
         assert_eq!(retry_after(&h, now), Some(Duration::from_secs(7)));
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h, now), None);
+    }
+
+    #[test]
+    fn hostile_retry_after_values_are_clamped_not_panics() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut h = HeaderMap::new();
+        for v in [
+            "1e20",
+            "1.7976931348623157e308",
+            "18446744073709551615",
+            "99999999999",
+        ] {
+            h.insert(RETRY_AFTER, HeaderValue::from_static(v));
+            assert_eq!(retry_after(&h, now), Some(MAX_HINT), "{v}");
+        }
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Fri, 31 Dec 9999 23:59:59 GMT"),
+        );
+        assert_eq!(retry_after(&h, now), Some(MAX_HINT));
+        for v in ["-1", "NaN", "inf", "-0.5"] {
+            h.insert(RETRY_AFTER, HeaderValue::from_static(v));
+            assert!(retry_after(&h, now).is_none_or(|d| d <= MAX_HINT), "{v}");
+        }
     }
 
     #[test]

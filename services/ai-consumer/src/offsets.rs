@@ -53,9 +53,10 @@ impl OffsetTracker {
         Some(next)
     }
 
-    /// Forgets a partition (after it was revoked); late completions for it are ignored.
-    pub fn forget(&mut self, partition: i32) {
-        self.partitions.remove(&partition);
+    /// Keeps only the partitions `held` says are still ours (after a rebalance); late
+    /// completions for the others are ignored, and their offsets are stored by their new owner.
+    pub fn retain(&mut self, held: impl Fn(i32) -> bool) {
+        self.partitions.retain(|p, _| held(*p));
     }
 
     /// Messages in flight across partitions.
@@ -81,6 +82,21 @@ mod tests {
         assert_eq!(t.finish(0, 10), Some(13));
         assert_eq!(t.finish(0, 14), None);
         assert_eq!(t.finish(0, 13), Some(15));
+    }
+
+    #[test]
+    fn revoked_partitions_are_forgotten() {
+        let mut t = OffsetTracker::default();
+        t.start(0, 1);
+        t.start(1, 7);
+        t.retain(|p| p == 1);
+        assert_eq!(t.in_flight(), 1);
+        assert_eq!(
+            t.finish(0, 1),
+            None,
+            "a revoked partition's completion stores nothing"
+        );
+        assert_eq!(t.finish(1, 7), Some(8));
     }
 
     proptest! {

@@ -1,20 +1,31 @@
 //! Answering one message: claim it, call the LLM with the user's memory, stream deltas,
-//! produce the final answer (or the failure and its dead letter), then mark it done.
+//! produce the final answer (or the failure and its dead letter), then record the outcome.
+//!
+//! Whatever happens, the user hears back: an answer, or `llm_failed` with a reason (the model
+//! refused or stayed unavailable, the answer was too large to deliver). Redis and Kafka
+//! outages are waited out (nothing is lost by waiting: the offset is not stored); errors that
+//! waiting cannot fix are not retried (`colloquy_core::retry`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::message::{Header, OwnedHeaders};
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use colloquy_core::records::{IncomingRecord, ResponseBody, ResponseRecord, SCHEMA_VERSION};
+use colloquy_core::dead_letter::DeadLetters;
+use colloquy_core::names::Names;
+use colloquy_core::records::{
+    Delivery, IncomingRecord, ResponseBody, ResponseRecord, SCHEMA_VERSION,
+};
+use colloquy_core::retry::{Class, RetryError, RetryPolicy, redis_class, retry};
 use colloquy_core::trace_context::{continue_from, traceparent_of};
 use colloquy_core::{kafka, metrics as m, now_ms};
 
-use crate::claim::{Claim, Claims};
+use crate::claim::{Claim, Claims, Outcome};
 use crate::llm::{DeltaSink, LlmClient, LlmError, NoDeltas, Role, Turn};
 use crate::memory::Memory;
 
@@ -33,25 +44,58 @@ pub struct Job {
 pub enum Handled {
     Answered,
     Failed,
+    /// A Kafka redelivery of a record already handled.
     Duplicate,
+    /// A resend of an answered message id: the stored answer was delivered again.
+    Repeated,
+    /// Nothing could be written to `responses` for good (the topic is gone): logged as an
+    /// error and left to the unanswered-message audit, which pages.
+    Undeliverable,
     /// Shutdown interrupted it; its offset must not be stored.
     Abandoned,
 }
+
+impl Handled {
+    /// The `outcome` label of `colloquy_messages_total`.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Answered => "answered",
+            Self::Failed => "llm_failed",
+            Self::Duplicate => "duplicate",
+            Self::Repeated => "repeated",
+            Self::Undeliverable => "undeliverable",
+            Self::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// KEYS: delivered marker, inbox. Returns the stored delivery JSON of that send, or nil.
+const STORED_ANSWER_LUA: &str = r"
+local id = redis.call('GET', KEYS[1])
+if not id then return false end
+local entries = redis.call('XRANGE', KEYS[2], id, id)
+if #entries == 0 then return false end
+return entries[1][2][2]
+";
 
 /// Everything needed to answer messages.
 pub struct Worker {
     pub llm: LlmClient,
     pub claims: Claims,
     pub memory: Memory,
+    pub redis: Pool,
+    pub names: Names,
     pub producer: FutureProducer,
+    pub dead_letters: DeadLetters,
     pub responses_topic: String,
-    pub dlq_topic: String,
     pub system_prompt: String,
     pub stream: bool,
     pub delta_batch_tokens: usize,
     pub delta_batch: Duration,
     pub produce_timeout: Duration,
     pub shutdown: CancellationToken,
+    pub stored_answer: Script,
 }
 
 impl std::fmt::Debug for Worker {
@@ -62,9 +106,15 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// The script that reads a stored answer back (for [`Worker::stored_answer`]).
+#[must_use]
+pub fn stored_answer_script() -> Script {
+    Script::from_lua(STORED_ANSWER_LUA)
+}
+
 impl Worker {
-    /// Answers `job`; returns how it ended. Never gives up on Redis or Kafka errors: it retries
-    /// until they succeed or shutdown abandons the job (which is then redelivered).
+    /// Answers `job`; returns how it ended. Redis and Kafka outages are retried until they
+    /// end or shutdown abandons the job (which is then redelivered).
     pub async fn handle(self: &Arc<Self>, job: &Job) -> Handled {
         let r = &job.record;
         let span = tracing::info_span!(
@@ -80,14 +130,33 @@ impl Worker {
         metrics::histogram!(m::STAGE_LATENCY, "stage" => "queue_wait")
             .record((now_ms() - job.enqueued_at_ms).max(0) as f64 / 1000.0);
         let outcome = self.answer(job).instrument(span).await;
-        let label = match outcome {
-            Handled::Answered => "answered",
-            Handled::Failed => "llm_failed",
-            Handled::Duplicate => "duplicate",
-            Handled::Abandoned => "abandoned",
-        };
-        metrics::counter!(m::MESSAGES, "service" => "ai-consumer", "outcome" => label).increment(1);
+        metrics::counter!(m::MESSAGES, "service" => "ai-consumer", "outcome" => outcome.label())
+            .increment(1);
         outcome
+    }
+
+    /// Tells the user their message failed, without calling the LLM (used when handling it
+    /// crashed). Returns how the job ended.
+    pub async fn fail(self: &Arc<Self>, job: &Job, reason: &str) -> Handled {
+        let body = ResponseBody::Failed {
+            reason: reason.to_owned(),
+        };
+        let handled = match self.produce_response(job, body).await {
+            Ok(()) => Handled::Failed,
+            Err(RetryError::Cancelled) => return Handled::Abandoned,
+            Err(e) => {
+                tracing::error!(error = %e, "failure notice not produced; the message is unanswered");
+                Handled::Undeliverable
+            }
+        };
+        let r = &job.record;
+        let _ = self
+            .redis_retrying("complete", || {
+                self.claims
+                    .complete(&r.userid, &r.msg_id, r.received_at_ms, Outcome::Failed)
+            })
+            .await;
+        handled
     }
 
     async fn answer(self: &Arc<Self>, job: &Job) -> Handled {
@@ -97,17 +166,26 @@ impl Worker {
         let claimed = async {
             loop {
                 let claim = self
-                    .retry_redis("claim", || self.claims.claim(&r.userid, &r.msg_id))
+                    .redis_retrying("claim", || {
+                        self.claims.claim(&r.userid, &r.msg_id, r.received_at_ms)
+                    })
                     .await;
                 match claim {
-                    None => return Err(Handled::Abandoned),
-                    Some(Claim::Acquired) => return Ok(()),
-                    Some(Claim::AlreadyDone) => {
+                    Err(RetryError::Cancelled) => return Err(Handled::Abandoned),
+                    Err(e) => {
+                        // Redis refuses the claim for good: answering unclaimed risks a
+                        // second charge on a redelivery, silence would lose the message.
+                        tracing::error!(error = %e, "claim impossible; answering without it");
+                        return Ok(());
+                    }
+                    Ok(Claim::Acquired) => return Ok(()),
+                    Ok(Claim::AlreadyDone) => {
                         metrics::counter!(m::DUPLICATES, "service" => "ai-consumer").increment(1);
-                        tracing::debug!("message already answered; skipped");
+                        tracing::debug!("message already handled; redelivery skipped");
                         return Err(Handled::Duplicate);
                     }
-                    Some(Claim::Leased) => {
+                    Ok(Claim::AnsweredBefore) => return Err(self.repeat(job).await),
+                    Ok(Claim::Leased) => {
                         tracing::debug!("message leased by another consumer; waiting");
                         if self.sleep(Duration::from_millis(500)).await.is_err() {
                             return Err(Handled::Abandoned);
@@ -137,32 +215,26 @@ impl Worker {
             content: r.content.clone(),
         });
 
-        // 3. The LLM call, with deltas streamed to `responses`.
+        // 3. The LLM call, with deltas streamed to `responses`, the lease renewed meanwhile.
         let call_span = tracing::info_span!("llm.chat", otel.kind = "client", gen_ai.system = "openai", gen_ai.request.model = %self.llm_model(), gen_ai.attempts = tracing::field::Empty);
         let mut batcher = DeltaBatcher::new(self, job);
         let mut none = NoDeltas;
         let deltas: &mut dyn DeltaSink = if self.stream { &mut batcher } else { &mut none };
-        let call = self.llm.complete(&turns, deltas, |attempt| {
-            let this = Arc::clone(self);
-            let (u, mid) = (r.userid.clone(), r.msg_id.clone());
-            async move {
-                if attempt > 1
-                    && let Err(e) = this.claims.renew(&u, &mid).await
-                {
-                    tracing::warn!(error = %e, "lease renewal failed");
-                }
-            }
-        });
+        let call = self.llm.complete(&turns, deltas);
         let result = tokio::select! {
             res = call.instrument(call_span.clone()) => res,
-            () = self.shutdown.cancelled() => return Handled::Abandoned,
+            never = self.keep_lease(job) => match never {},
+            () = self.shutdown.cancelled() => {
+                self.release(job).await;
+                return Handled::Abandoned;
+            }
         };
         // The trailing partial batch is not sent as a delta: the final record carries the whole
         // answer, and a fast model's answer then costs one record instead of two.
         drop(batcher);
 
         // 4. The outcome, durably in `responses` (and the DLQ on failure).
-        let (body, handled, answer) = match result {
+        let (body, outcome, answer) = match result {
             Ok(a) => {
                 call_span.record("gen_ai.attempts", a.attempts);
                 let body = ResponseBody::Final {
@@ -170,28 +242,54 @@ impl Worker {
                     prompt_tokens: a.prompt_tokens,
                     completion_tokens: a.completion_tokens,
                 };
-                (body, Handled::Answered, Some(a.content))
+                (body, Outcome::Answered, Some(a.content))
             }
             Err(e) => {
                 metrics::counter!(m::LLM_ERRORS, "class" => e.class()).increment(1);
                 tracing::warn!(error = %e, "answer failed; user gets llm_failed, record goes to the DLQ");
-                if !self.dead_letter(job, &e).await {
+                if let Err(RetryError::Cancelled) = self.dead_letter(job, &e.to_string()).await {
+                    self.release(job).await;
                     return Handled::Abandoned;
                 }
-                (
-                    ResponseBody::Failed {
-                        reason: user_reason(&e),
-                    },
-                    Handled::Failed,
-                    None,
-                )
+                let body = ResponseBody::Failed {
+                    reason: user_reason(&e),
+                };
+                (body, Outcome::Failed, None)
             }
         };
-        if !self.produce_response(job, body).await {
-            return Handled::Abandoned;
-        }
+        let (outcome, answer) = match self.produce_response(job, body).await {
+            Ok(()) => (outcome, answer),
+            Err(RetryError::Cancelled) => {
+                self.release(job).await;
+                return Handled::Abandoned;
+            }
+            Err(e) => {
+                // The answer cannot be written (too large, topic gone): tell the user why.
+                tracing::error!(error = %e, "response not produced; telling the user");
+                let reason = format!("the answer could not be delivered ({e}); try again");
+                let _ = self.dead_letter(job, &reason).await;
+                match self
+                    .produce_response(job, ResponseBody::Failed { reason })
+                    .await
+                {
+                    Ok(()) => (Outcome::Failed, None),
+                    Err(RetryError::Cancelled) => {
+                        self.release(job).await;
+                        return Handled::Abandoned;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, partition = job.partition, offset = job.offset, "nothing can be written to responses; message unanswered");
+                        self.release(job).await;
+                        return Handled::Undeliverable;
+                    }
+                }
+            }
+        };
         // 5. Done: a redelivery from now on is skipped. Memory is written alongside.
-        let complete = self.retry_redis("complete", || self.claims.complete(&r.userid, &r.msg_id));
+        let complete = self.redis_retrying("complete", || {
+            self.claims
+                .complete(&r.userid, &r.msg_id, r.received_at_ms, outcome)
+        });
         let remember = async {
             if let Some(answer) = &answer
                 && let Err(e) = self.memory.append(&r.userid, &r.content, answer).await
@@ -201,10 +299,120 @@ impl Worker {
             }
         };
         let (completed, ()) = tokio::join!(complete, remember);
-        if completed.is_none() {
-            return Handled::Abandoned;
+        match completed {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!("lease was taken over meanwhile; the relay drops the second answer")
+            }
+            Err(RetryError::Cancelled) => return Handled::Abandoned,
+            Err(e) => {
+                tracing::error!(error = %e, "outcome not recorded; a redelivery would be answered again")
+            }
         }
-        handled
+        match outcome {
+            Outcome::Answered => Handled::Answered,
+            Outcome::Failed => Handled::Failed,
+        }
+    }
+
+    /// A resend of an answered message id: produce the stored answer again (the relay
+    /// delivers it as a new event), or a clear failure when it is no longer stored.
+    async fn repeat(&self, job: &Job) -> Handled {
+        let r = &job.record;
+        let stored = self
+            .redis_retrying("stored_answer", || self.stored_answer(r))
+            .await;
+        let body = match stored {
+            Err(RetryError::Cancelled) => return Handled::Abandoned,
+            Ok(Some(ResponseBody::Final {
+                content,
+                prompt_tokens,
+                completion_tokens,
+            })) => ResponseBody::Final {
+                content,
+                prompt_tokens,
+                completion_tokens,
+            },
+            Ok(_) | Err(_) => ResponseBody::Failed {
+                reason: "this message id was answered before and that answer is no longer stored; send it with a new id".into(),
+            },
+        };
+        match self.produce_response(job, body).await {
+            Ok(()) => Handled::Repeated,
+            Err(RetryError::Cancelled) => Handled::Abandoned,
+            Err(e) => {
+                tracing::error!(error = %e, "repeated answer not produced");
+                Handled::Undeliverable
+            }
+        }
+    }
+
+    /// The durable body stored for the earlier send of `r`'s message id, if still kept.
+    async fn stored_answer(
+        &self,
+        r: &IncomingRecord,
+    ) -> Result<Option<ResponseBody>, fred::error::Error> {
+        let Some(nonce) = self.previous_nonce(r).await? else {
+            return Ok(None);
+        };
+        let keys = vec![
+            self.names.delivered_key(&r.userid, &r.msg_id, nonce),
+            self.names.inbox_key(&r.userid),
+        ];
+        let json: Option<String> = self
+            .stored_answer
+            .evalsha_with_reload(self.redis.next(), keys, Vec::<String>::new())
+            .await?;
+        Ok(json
+            .and_then(|j| serde_json::from_str::<Delivery>(&j).ok())
+            .map(|d| d.body))
+    }
+
+    async fn previous_nonce(&self, r: &IncomingRecord) -> Result<Option<i64>, fred::error::Error> {
+        let value: Option<String> = self
+            .redis
+            .get(self.names.done_key(&r.userid, &r.msg_id))
+            .await?;
+        Ok(value
+            .as_deref()
+            .and_then(|v| v.strip_prefix("D|"))
+            .and_then(|n| n.parse().ok()))
+    }
+
+    /// Renews the lease every third of its length while the call runs; never returns.
+    async fn keep_lease(&self, job: &Job) -> std::convert::Infallible {
+        let r = &job.record;
+        let every = self.claims.lease() / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            match self.claims.renew(&r.userid, &r.msg_id).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!("lease lost while answering (taken over after expiry)"),
+                Err(e) => {
+                    metrics::counter!(m::REDIS_ERRORS, "service" => "ai-consumer", "op" => "renew")
+                        .increment(1);
+                    tracing::warn!(error = %e, "lease renewal failed");
+                }
+            }
+        }
+    }
+
+    /// Best effort: give the lease back so a redelivery is answered at once.
+    async fn release(&self, job: &Job) {
+        let r = &job.record;
+        match tokio::time::timeout(
+            Duration::from_secs(1),
+            self.claims.release(&r.userid, &r.msg_id),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "lease not released; it will expire"),
+            Err(_) => {
+                self.claims.forget(&r.userid, &r.msg_id);
+                tracing::debug!("lease release timed out; it will expire");
+            }
+        }
     }
 
     fn llm_model(&self) -> String {
@@ -218,28 +426,37 @@ impl Worker {
         }
     }
 
-    /// Runs a Redis operation until it succeeds; `None` only when shutdown interrupts.
-    async fn retry_redis<T, F, Fut>(&self, op: &'static str, mut f: F) -> Option<T>
+    /// Runs a Redis operation with the shared retry policy, counting every failure.
+    async fn redis_retrying<T, F, Fut>(
+        &self,
+        op: &'static str,
+        f: F,
+    ) -> Result<T, RetryError<fred::error::Error>>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, fred::error::Error>>,
     {
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match f().await {
-                Ok(v) => return Some(v),
-                Err(e) => {
-                    metrics::counter!(m::REDIS_ERRORS, "service" => "ai-consumer", "op" => op)
-                        .increment(1);
-                    tracing::warn!(op, error = %e, "Redis failed; retrying");
-                    self.sleep(delay).await.ok()?;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+        retry(
+            RetryPolicy::UNTIL_SHUTDOWN,
+            &self.shutdown,
+            redis_class,
+            |e, attempt, class| {
+                metrics::counter!(m::REDIS_ERRORS, "service" => "ai-consumer", "op" => op)
+                    .increment(1);
+                if class == Class::Permanent || attempt == 1 || attempt.is_multiple_of(20) {
+                    tracing::warn!(op, attempt, ?class, error = %e, "Redis failed");
                 }
-            }
-        }
+            },
+            f,
+        )
+        .await
     }
 
-    async fn produce_response(&self, job: &Job, body: ResponseBody) -> bool {
+    async fn produce_response(
+        &self,
+        job: &Job,
+        body: ResponseBody,
+    ) -> Result<(), RetryError<KafkaError>> {
         let r = &job.record;
         let record = ResponseRecord {
             v: SCHEMA_VERSION,
@@ -248,73 +465,37 @@ impl Worker {
             received_at_ms: r.received_at_ms,
             body,
         };
-        let Ok(payload) = serde_json::to_vec(&record) else {
-            return false;
-        };
+        let payload = serde_json::to_vec(&record).unwrap_or_default();
         let span = tracing::info_span!("kafka.produce", otel.kind = "producer", messaging.system = "kafka", messaging.destination.name = %self.responses_topic);
         let tp = traceparent_of(&span);
-        self.produce(
+        let headers = kafka::record_headers(tp.as_deref(), &r.msg_id, now_ms());
+        kafka::produce(
+            &self.producer,
             &self.responses_topic,
-            r.userid.as_str(),
+            r.userid.as_str().as_bytes(),
             &payload,
-            kafka::record_headers(tp.as_deref(), &r.msg_id, now_ms()),
+            &headers,
+            self.produce_timeout,
+            &self.shutdown,
+            ("ai-consumer", "produce"),
         )
         .instrument(span)
         .await
     }
 
-    async fn dead_letter(&self, job: &Job, e: &LlmError) -> bool {
+    async fn dead_letter(&self, job: &Job, reason: &str) -> Result<(), RetryError<KafkaError>> {
         let r = &job.record;
-        let Ok(payload) = serde_json::to_vec(r) else {
-            return false;
-        };
-        let reason = e.to_string();
-        let headers = kafka::record_headers(job.traceparent.as_deref(), &r.msg_id, now_ms())
-            .insert(Header {
-                key: "dlq_reason",
-                value: Some(reason.as_str()),
-            });
-        let ok = self
-            .produce(&self.dlq_topic, r.userid.as_str(), &payload, headers)
-            .await;
-        if ok {
-            metrics::counter!(m::DLQ_WRITES, "service" => "ai-consumer", "topic" => self.dlq_topic.clone()).increment(1);
-        }
-        ok
-    }
-
-    /// Produces until the broker acknowledges; `false` only when shutdown interrupts.
-    async fn produce(&self, topic: &str, key: &str, payload: &[u8], headers: OwnedHeaders) -> bool {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let record = FutureRecord::to(topic)
-                .key(key)
-                .payload(payload)
-                .headers(headers.clone());
-            let started = Instant::now();
-            let sent = tokio::select! {
-                r = self.producer.send(record, Timeout::After(self.produce_timeout)) => r,
-                () = self.shutdown.cancelled() => return false,
-            };
-            match sent {
-                Ok(_) => {
-                    tracing::trace!(
-                        topic,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "produced"
-                    );
-                    return true;
-                }
-                Err((e, _)) => {
-                    metrics::counter!(m::KAFKA_ERRORS, "service" => "ai-consumer", "op" => "produce").increment(1);
-                    tracing::warn!(topic, error = %e, "produce failed; retrying");
-                    if self.sleep(delay).await.is_err() {
-                        return false;
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        let payload = serde_json::to_vec(r).unwrap_or_default();
+        let headers = kafka::record_headers(job.traceparent.as_deref(), &r.msg_id, now_ms());
+        self.dead_letters
+            .write(
+                &payload,
+                Some(r.userid.as_str().as_bytes()),
+                headers,
+                reason,
+                &self.shutdown,
+            )
+            .await
     }
 }
 
@@ -337,7 +518,7 @@ struct DeltaBatcher<'a> {
     seq: u32,
     buf: String,
     pieces: usize,
-    last: Instant,
+    last: std::time::Instant,
 }
 
 impl<'a> DeltaBatcher<'a> {
@@ -349,7 +530,7 @@ impl<'a> DeltaBatcher<'a> {
             seq: 0,
             buf: String::new(),
             pieces: 0,
-            last: Instant::now(),
+            last: std::time::Instant::now(),
         }
     }
 
@@ -370,7 +551,7 @@ impl<'a> DeltaBatcher<'a> {
         };
         self.seq += 1;
         self.pieces = 0;
-        self.last = Instant::now();
+        self.last = std::time::Instant::now();
         let Ok(payload) = serde_json::to_vec(&record) else {
             return;
         };

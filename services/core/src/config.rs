@@ -5,7 +5,23 @@
 
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, FromArgMatches};
+
+/// A configuration's defaults, read from its clap attributes (the one place they are
+/// written) and never from the environment, so tests see the same values everywhere.
+///
+/// # Panics
+/// When `T` has a required flag without a default: a programming error, caught by the
+/// unit test of every config that calls this.
+#[must_use]
+pub fn defaults<T: Args + FromArgMatches>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults").no_binary_name(true))
+        .mut_args(|a| a.env(None::<&str>));
+    let matches = command
+        .try_get_matches_from(Vec::<String>::new())
+        .unwrap_or_else(|e| panic!("configuration without defaults: {e}"));
+    T::from_arg_matches(&matches).unwrap_or_else(|e| panic!("configuration without defaults: {e}"))
+}
 
 /// How to reach Kafka.
 #[derive(Clone, Debug, Args)]
@@ -41,6 +57,14 @@ pub struct KafkaConfig {
         default_value_t = 5
     )]
     pub fetch_wait_max_ms: u64,
+    /// A consumer that holds no partitions for this long (seconds) rejoins its group (then
+    /// waits twice as long before the next rejoin, up to ten times this).
+    #[arg(
+        long = "kafka-rejoin-after-secs",
+        env = "KAFKA_REJOIN_AFTER_SECS",
+        default_value_t = 20
+    )]
+    pub rejoin_after_secs: u64,
     /// Static group membership (`group.instance.id`): a stable, unique name per consumer
     /// instance (e.g. `relay-1`). A process restarted after a crash then takes its old place in
     /// the group at once instead of waiting out the session timeout (and, on tansu 0.6, instead
@@ -55,11 +79,7 @@ impl KafkaConfig {
     pub fn local(bootstrap: impl Into<String>) -> Self {
         Self {
             bootstrap_servers: bootstrap.into(),
-            partitions: 8,
-            produce_timeout_ms: 10_000,
-            linger_ms: 2,
-            fetch_wait_max_ms: 5,
-            group_instance_id: None,
+            ..defaults()
         }
     }
 
@@ -92,12 +112,12 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
+    /// Defaults for a Redis at `url`.
     #[must_use]
     pub fn local(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
-            pool_size: 4,
-            command_timeout_ms: 2_000,
+            ..defaults()
         }
     }
 }
@@ -125,4 +145,22 @@ pub enum LogFormat {
     #[default]
     Json,
     Text,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_come_from_the_clap_attributes() {
+        let k = KafkaConfig::local("broker:9092");
+        assert_eq!(k.bootstrap_servers, "broker:9092");
+        assert_eq!(k.partitions, 8);
+        assert_eq!(k.fetch_wait_max_ms, 5);
+        assert_eq!(k.group_instance_id, None);
+        let r = RedisConfig::local("redis://h:1");
+        assert_eq!(r.command_timeout_ms, 2_000);
+        let t: TelemetryConfig = defaults();
+        assert_eq!(t.log_format, LogFormat::Json);
+    }
 }

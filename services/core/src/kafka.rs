@@ -4,21 +4,31 @@
 //! an offset only after the side effect of that record succeeded (rust-rdkafka's at-least-once
 //! recipe), and auto-commit then commits what was stored.
 
-use std::time::Duration;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::Offset;
+use tokio_util::sync::CancellationToken;
 
 use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
 
 use crate::config::KafkaConfig;
 use crate::metrics as m;
+use crate::offset_gaps::{GapDetector, Verdict};
+use crate::retry::{RetryError, RetryPolicy, kafka_class, retry};
 
 /// Errors setting up Kafka clients.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +41,12 @@ pub enum KafkaSetupError {
     },
     #[error("cannot create topic {topic}: {reason}")]
     Topic { topic: String, reason: String },
+    #[error(
+        "required Kafka topics missing on {servers}: {missing} (create them, or let the service create them: it needs the right to)"
+    )]
+    MissingTopics { servers: String, missing: String },
+    #[error("Kafka at {servers} unreachable: {reason}")]
+    Unreachable { servers: String, reason: String },
 }
 
 /// An idempotent producer (`acks=all`) for `service`.
@@ -83,7 +99,10 @@ pub fn consumer(
         .set("heartbeat.interval.ms", "1000")
         .set("queued.max.messages.kbytes", "16384")
         .set("statistics.interval.ms", "5000")
-        .create_with_context(ObservedContext { service })
+        .create_with_context(ObservedContext {
+            service,
+            membership: Arc::new(Membership::new(service)),
+        })
         .map_err(|source| KafkaSetupError::Client {
             what: "consumer",
             servers: cfg.bootstrap_servers.clone(),
@@ -99,10 +118,107 @@ pub fn consumer(
     Ok(consumer)
 }
 
-/// Consumer context that logs rebalances and commits and exports lag per partition.
-#[derive(Clone, Copy, Debug)]
+/// Which partitions a consumer holds, kept up to date by its rebalance callbacks.
+///
+/// It answers readiness (a consumer that holds no partitions consumes nothing: tansu 0.6 has
+/// left a restarted member with none, for minutes), tells the consume loop that a rebalance
+/// happened (so per-partition state is forgotten), and times how long the consumer has held
+/// nothing (so [`rejoin_when_idle`] can rejoin the group).
+#[derive(Debug)]
+pub struct Membership {
+    service: &'static str,
+    assigned: Mutex<BTreeSet<(String, i32)>>,
+    empty_since: Mutex<Option<Instant>>,
+    generation: AtomicU64,
+}
+
+impl Membership {
+    fn new(service: &'static str) -> Self {
+        Self {
+            service,
+            assigned: Mutex::new(BTreeSet::new()),
+            empty_since: Mutex::new(Some(Instant::now())),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    fn assigned(&self) -> std::sync::MutexGuard<'_, BTreeSet<(String, i32)>> {
+        self.assigned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut BTreeSet<(String, i32)>)) {
+        let count = {
+            let mut assigned = self.assigned();
+            f(&mut assigned);
+            assigned.len()
+        };
+        *self
+            .empty_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (count == 0).then(Instant::now);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!(m::ASSIGNED_PARTITIONS, "service" => self.service).set(count as f64);
+    }
+
+    /// Partitions of `topic` held now.
+    #[must_use]
+    pub fn partitions(&self, topic: &str) -> std::collections::HashSet<i32> {
+        self.assigned()
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| *p)
+            .collect()
+    }
+
+    /// Partitions held now.
+    #[must_use]
+    pub fn partition_count(&self) -> usize {
+        self.assigned().len()
+    }
+
+    /// Ready to consume: the consumer holds at least one partition.
+    ///
+    /// # Errors
+    /// A reason to report on `/ready` when it holds none.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.partition_count() > 0 {
+            Ok(())
+        } else {
+            Err(format!("{} holds no partitions", self.service))
+        }
+    }
+
+    /// Increases with every rebalance; a consume loop compares it to forget revoked state.
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// How long the consumer has held no partitions (`None` while it holds some).
+    #[must_use]
+    pub fn empty_for(&self) -> Option<Duration> {
+        self.empty_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .map(|t| t.elapsed())
+    }
+}
+
+/// Consumer context that logs rebalances and commits, tracks the assignment and exports lag per partition.
+#[derive(Clone, Debug)]
 pub struct ObservedContext {
     service: &'static str,
+    membership: Arc<Membership>,
+}
+
+impl ObservedContext {
+    /// The consumer's partitions.
+    #[must_use]
+    pub fn membership(&self) -> Arc<Membership> {
+        Arc::clone(&self.membership)
+    }
 }
 
 impl ClientContext for ObservedContext {
@@ -124,7 +240,27 @@ impl ConsumerContext for ObservedContext {
         tracing::info!(service = self.service, rebalance = ?rebalance, "partition rebalance starting");
     }
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        tracing::info!(service = self.service, rebalance = ?rebalance, "partition rebalance done");
+        match rebalance {
+            Rebalance::Assign(tpl) => self.membership.update(|a| {
+                a.extend(
+                    tpl.elements()
+                        .iter()
+                        .map(|e| (e.topic().to_owned(), e.partition())),
+                );
+            }),
+            Rebalance::Revoke(tpl) => self.membership.update(|a| {
+                for e in tpl.elements() {
+                    a.remove(&(e.topic().to_owned(), e.partition()));
+                }
+            }),
+            Rebalance::Error(_) => {}
+        }
+        tracing::info!(
+            service = self.service,
+            rebalance = ?rebalance,
+            partitions = self.membership.partition_count(),
+            "partition rebalance done"
+        );
     }
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &rdkafka::TopicPartitionList) {
         match result {
@@ -135,6 +271,99 @@ impl ConsumerContext for ObservedContext {
                     .increment(1);
                 tracing::warn!(service = self.service, error = %e, "offset commit failed");
             }
+        }
+    }
+}
+
+/// Rejoins the group whenever `consumer` has held no partitions for `after` (doubling up to
+/// ten times that while it stays empty), until `shutdown`. A healthy group assigns within
+/// seconds; a member that sits unassigned longer was forgotten by the coordinator.
+pub async fn rejoin_when_idle<C>(
+    consumer: Arc<C>,
+    topics: Vec<String>,
+    after: Duration,
+    shutdown: CancellationToken,
+) where
+    C: Consumer<ObservedContext> + Send + Sync + 'static,
+{
+    let membership = consumer.context().membership();
+    let service = membership.service;
+    let mut bound = after;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        match membership.empty_for() {
+            None => bound = after,
+            Some(empty) if empty >= bound => {
+                metrics::counter!(m::REJOINS, "service" => service).increment(1);
+                tracing::warn!(
+                    service,
+                    empty_secs = empty.as_secs(),
+                    "no partitions assigned for too long; rejoining the group"
+                );
+                let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+                consumer.unsubscribe();
+                if let Err(e) = consumer.subscribe(&topics) {
+                    tracing::error!(service, error = %e, "re-subscribe failed");
+                }
+                // Restart the clock: the next rejoin waits a full (longer) bound.
+                membership.update(|_| {});
+                bound = (bound * 2).min(after * 10);
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// Judges a consumed record's offset with `gaps`; on a jump, counts and logs it and seeks
+/// `consumer` back to the first missing offset. Returns whether to process the record.
+pub fn admit_offset<C>(
+    consumer: &C,
+    gaps: &mut GapDetector,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> bool
+where
+    C: Consumer<ObservedContext>,
+{
+    let service = consumer.context().service;
+    match gaps.observe(partition, offset) {
+        Verdict::Process => true,
+        Verdict::Gap { expected, got } => {
+            metrics::counter!(m::OFFSET_GAPS, "service" => service, "topic" => topic.to_owned())
+                .increment(1);
+            tracing::error!(
+                service,
+                topic,
+                partition,
+                expected,
+                got,
+                "offset gap: records skipped by the fetch; seeking back"
+            );
+            if let Err(e) = consumer.seek(
+                topic,
+                partition,
+                Offset::Offset(expected),
+                Duration::from_secs(2),
+            ) {
+                tracing::error!(service, topic, partition, error = %e, "seek back failed; the partition will be re-read after a rebalance");
+                gaps.forget(partition);
+            }
+            false
+        }
+        Verdict::GapAccepted { expected, missing } => {
+            tracing::error!(
+                service,
+                topic,
+                partition,
+                expected,
+                missing,
+                "offset gap persists after repeated seeks; records are gone from the broker"
+            );
+            true
         }
     }
 }
@@ -176,6 +405,53 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), K
         }
     }
     Ok(())
+}
+
+/// Fails unless every topic in `topics` exists with at least one partition, so a service
+/// refuses to start (naming what is missing) rather than retrying produces forever.
+///
+/// # Errors
+/// [`KafkaSetupError::MissingTopics`] naming them, or [`KafkaSetupError::Unreachable`] when
+/// the broker does not answer within `timeout`.
+pub async fn require_topics(
+    producer: &FutureProducer,
+    servers: &str,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<(), KafkaSetupError> {
+    let producer = producer.clone();
+    let wanted = topics.to_vec();
+    let found = tokio::task::spawn_blocking(move || {
+        producer.client().fetch_metadata(None, timeout).map(|md| {
+            md.topics()
+                .iter()
+                .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+                .map(|t| t.name().to_owned())
+                .collect::<BTreeSet<_>>()
+        })
+    })
+    .await
+    .map_err(|e| KafkaSetupError::Unreachable {
+        servers: servers.to_owned(),
+        reason: e.to_string(),
+    })?
+    .map_err(|e| KafkaSetupError::Unreachable {
+        servers: servers.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|t| !found.contains(t.as_str()))
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(KafkaSetupError::MissingTopics {
+            servers: servers.to_owned(),
+            missing: missing.join(", "),
+        })
+    }
 }
 
 /// Whether the broker behind `producer` answers a metadata request within `timeout` (readiness).
@@ -220,4 +496,44 @@ pub fn header_str<'a, H: Headers>(headers: Option<&'a H>, name: &str) -> Option<
         .find(|h| h.key == name)
         .and_then(|h| h.value)
         .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Produces one record, retrying transient failures until the broker acknowledges or
+/// `shutdown` fires; permanent failures (topic missing, record too large, not authorised)
+/// return at once. Every failure is counted as `colloquy_kafka_errors_total{service,op}`.
+///
+/// # Errors
+/// [`RetryError`] saying why the record is not in the topic.
+#[allow(clippy::too_many_arguments)]
+pub async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+    headers: &OwnedHeaders,
+    timeout: Duration,
+    shutdown: &CancellationToken,
+    (service, op): (&'static str, &'static str),
+) -> Result<(), RetryError<KafkaError>> {
+    retry(
+        RetryPolicy::UNTIL_SHUTDOWN,
+        shutdown,
+        kafka_class,
+        |e, attempt, class| {
+            metrics::counter!(m::KAFKA_ERRORS, "service" => service, "op" => op).increment(1);
+            tracing::warn!(service, topic, op, attempt, ?class, error = %e, "produce failed");
+        },
+        || async {
+            let record = FutureRecord::to(topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers.clone());
+            producer
+                .send(record, Timeout::After(timeout))
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| e)
+        },
+    )
+    .await
 }

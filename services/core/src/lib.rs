@@ -9,11 +9,14 @@
 pub mod admin;
 pub mod backoff;
 pub mod config;
+pub mod dead_letter;
 pub mod kafka;
 pub mod metrics;
 pub mod names;
+pub mod offset_gaps;
 pub mod records;
 pub mod redis;
+pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
 pub mod trace_context;

@@ -83,10 +83,13 @@ impl Names {
     pub fn done_key(&self, user: &UserId, msg_id: &str) -> String {
         format!("{}done:{user}:{msg_id}", self.redis_prefix)
     }
-    /// The relay's marker that a message's durable delivery is already in the inbox.
+    /// The relay's marker that the durable delivery of one send of a message is in the inbox;
+    /// it holds the entry's event id. `nonce` tells sends of one message id apart (the gateway's
+    /// receive time, shared by every Kafka copy of one send), so a redelivered record is a
+    /// no-op while a client's resend is delivered again.
     #[must_use]
-    pub fn delivered_key(&self, user: &UserId, msg_id: &str) -> String {
-        format!("{}delivered:{user}:{msg_id}", self.redis_prefix)
+    pub fn delivered_key(&self, user: &UserId, msg_id: &str, nonce: i64) -> String {
+        format!("{}delivered:{user}:{msg_id}:{nonce}", self.redis_prefix)
     }
     /// A user's conversation memory.
     #[must_use]

@@ -4,6 +4,7 @@
 //! only from the delivery report) and writes the answers the relay publishes to every socket
 //! of the user, replaying from the durable inbox after any gap.
 
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod fanout;

@@ -57,9 +57,15 @@ pub fn enqueue(
         .send_result(fr)
         .map_err(|(e, _)| PublishError::Kafka(e))?;
     let span = span.clone();
+    let audit = state.audit.clone();
+    let (user, msg_id) = (user.clone(), msg_id.to_owned());
     Ok(async move {
         let result = match delivery.await {
-            Ok(Ok(_)) => Ok(trace_id),
+            Ok(Ok(_)) => {
+                // From the ack on, the message is watched until its answer is stored.
+                audit.acked(&user, &msg_id, received_at_ms, now_ms());
+                Ok(trace_id)
+            }
             Ok(Err((e, _))) => Err(PublishError::Kafka(e)),
             Err(_) => Err(PublishError::Cancelled),
         };

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use colloquy_core::names::Names;
 
+use crate::audit::Audit;
 use crate::auth::TokenService;
 use crate::config::GatewayConfig;
 use crate::fanout::Fanout;
@@ -26,6 +27,7 @@ pub struct AppState {
     pub tokens: TokenService,
     pub limiter: RateLimiter,
     pub fanout: Arc<Fanout>,
+    pub audit: Audit,
     pub metrics: PrometheusHandle,
     /// Fired when the gateway begins to shut down; sessions close with 1012.
     pub shutdown: CancellationToken,
@@ -57,6 +59,7 @@ impl AppState {
         shutdown: CancellationToken,
     ) -> Self {
         Self {
+            audit: Audit::start(redis.clone(), names.clone(), shutdown.clone()),
             incoming_topic: names.incoming_topic(),
             config,
             names,

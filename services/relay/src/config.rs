@@ -25,23 +25,33 @@ pub struct RelayConfig {
     /// How long a message's delivered marker (the relay's de-duplication) lives, seconds.
     #[arg(long, env = "DELIVERED_TTL_SECS", default_value_t = 86_400)]
     pub delivered_ttl_secs: u64,
-    /// How long shutdown waits for the last batch, seconds.
+    /// How often the unanswered-message audit is read into its gauges, seconds.
+    #[arg(long, env = "AUDIT_INTERVAL_SECS", default_value_t = 5)]
+    pub audit_interval_secs: u64,
+    /// How long shutdown waits for the batch in hand, seconds.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 }
 
 impl RelayConfig {
-    /// Defaults for a test or local run.
+    /// The defaults (one place: the clap attributes above) with the metrics endpoint on a
+    /// free port, for a test or local run.
     #[must_use]
     pub fn local() -> Self {
         Self {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            group: "relay".into(),
-            batch_max: 512,
-            inbox_maxlen: 1_000,
-            inbox_ttl_secs: 604_800,
-            delivered_ttl_secs: 86_400,
-            shutdown_grace_secs: 10,
+            ..colloquy_core::config::defaults()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn local_defaults_come_from_the_flags() {
+        let c = super::RelayConfig::local();
+        assert_eq!(c.group, "relay");
+        assert_eq!(c.batch_max, 512);
+        assert_eq!(c.metrics_listen.port(), 0);
     }
 }

@@ -1,12 +1,17 @@
 //! Colloquy's relay: `responses` → Redis.
 //!
 //! Each final answer or failure is appended to the user's inbox stream and published on the
-//! user's channel by one Lua script, atomically and at most once per message (a marker key
-//! makes a redelivered record a no-op). Deltas are only published. Records are handled in
-//! batches, one pipelined round trip per batch; offsets are stored after Redis succeeded, and
-//! Redis errors are retried, never skipped.
+//! user's channel by one Lua script ([`deliver`]), atomically and at most once per send of a
+//! message (a marker key makes a redelivered record a no-op), and cleared from the
+//! unanswered-message audit ([`audit`]). Deltas are only published. Records are handled in
+//! batches, one pipelined round trip per batch; offsets are stored after Redis succeeded.
+//! Redis outages are waited out with the partitions paused (polling goes on, so the group
+//! keeps the relay); an unreadable record or one Redis refuses for good goes to
+//! `responses.dlq` instead of stopping every user's deliveries.
 
+pub mod audit;
 pub mod config;
+pub mod deliver;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,35 +20,23 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fred::prelude::*;
-use fred::types::CustomCommand;
 use fred::types::scripts::Script;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::util::Timeout;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{FutureProducer, Producer};
 use tokio_util::sync::CancellationToken;
 
 use colloquy_core::config::{KafkaConfig, RedisConfig};
-use colloquy_core::kafka::ObservedContext;
+use colloquy_core::dead_letter::DeadLetters;
+use colloquy_core::kafka::{Membership, ObservedContext};
 use colloquy_core::names::Names;
-use colloquy_core::records::{Delivery, ResponseRecord, SCHEMA_VERSION, headers};
-use colloquy_core::trace_context::{continue_from, traceparent_of};
+use colloquy_core::offset_gaps::GapDetector;
+use colloquy_core::records::headers;
+use colloquy_core::retry::{RetryError, RetryPolicy, redis_class};
 use colloquy_core::{kafka, metrics as m, now_ms};
 
 use crate::config::RelayConfig;
-
-/// Appends to the inbox and publishes, once per message.
-/// KEYS: inbox, channel, delivered marker. ARGV: maxlen, payload, inbox TTL ms, marker TTL ms.
-/// The payload is a JSON object without `event_id`; the published copy gets it spliced in front.
-const DELIVER_LUA: &str = r#"
-if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[4]) then
-  return 0
-end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', KEYS[2], '{"event_id":"' .. id .. '",' .. string.sub(ARGV[2], 2))
-return 1
-"#;
+use crate::deliver::{Decoded, InboxLimits, Written};
 
 /// Everything the relay needs to start.
 #[derive(Clone, Debug)]
@@ -59,10 +52,14 @@ pub struct Application {
     cfg: RelayConfig,
     names: Names,
     consumer: Arc<StreamConsumer<ObservedContext>>,
+    membership: Arc<Membership>,
     producer: FutureProducer,
+    dead_letters: DeadLetters,
     redis: Pool,
     script: Script,
+    limits: InboxLimits,
     topic: String,
+    rejoin_after: Duration,
     metrics_addr: SocketAddr,
     stop: CancellationToken,
 }
@@ -75,25 +72,12 @@ impl std::fmt::Debug for Application {
     }
 }
 
-/// One record of a batch, decoded.
-enum Item {
-    Durable {
-        user_key: String,
-        channel: String,
-        marker: String,
-        payload: String,
-    },
-    Delta {
-        channel: String,
-        payload: String,
-    },
-}
-
 impl Application {
     /// Connects, creates topics if needed, subscribes and starts the metrics endpoint.
     ///
     /// # Errors
-    /// When configuration is invalid or the metrics address cannot be bound.
+    /// When configuration is invalid, required topics are missing or the metrics address
+    /// cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let Settings {
             relay: cfg,
@@ -106,37 +90,64 @@ impl Application {
             tracing::warn!(error = %e, "could not ensure topics at start");
         }
         let topic = names.responses_topic();
+        let producer = kafka::producer(&kcfg, "relay").context("Kafka producer")?;
+        kafka::require_topics(
+            &producer,
+            &kcfg.bootstrap_servers,
+            &[topic.clone(), names.responses_dlq_topic()],
+            Duration::from_secs(30),
+        )
+        .await
+        .context("refusing to start")?;
         let consumer =
             kafka::consumer(&kcfg, "relay", &cfg.group, &[&topic]).context("Kafka consumer")?;
-        let producer = kafka::producer(&kcfg, "relay").context("Kafka producer")?;
+        let membership = consumer.context().membership();
         let redis = colloquy_core::redis::pool(&redis)
             .await
             .context("Redis pool")?;
         let stop = CancellationToken::new();
-        let metrics_addr = colloquy_core::admin::serve(cfg.metrics_listen, stop.clone())
-            .await
-            .with_context(|| format!("cannot listen on {}", cfg.metrics_listen))?;
+        let ready = Arc::clone(&membership);
+        let metrics_addr = colloquy_core::admin::serve(
+            cfg.metrics_listen,
+            Arc::new(move || ready.readiness()),
+            stop.clone(),
+        )
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.metrics_listen))?;
         Ok(Self {
+            limits: InboxLimits {
+                maxlen: cfg.inbox_maxlen,
+                ttl_ms: cfg.inbox_ttl_secs * 1000,
+                marker_ttl_ms: cfg.delivered_ttl_secs * 1000,
+            },
+            dead_letters: DeadLetters::new(
+                producer.clone(),
+                names.responses_dlq_topic(),
+                "relay",
+                kcfg.produce_timeout(),
+            ),
+            rejoin_after: Duration::from_secs(kcfg.rejoin_after_secs.max(1)),
             cfg,
             names,
             consumer: Arc::new(consumer),
+            membership,
             producer,
             redis,
-            script: Script::from_lua(DELIVER_LUA),
+            script: deliver::script(),
             topic,
             metrics_addr,
             stop,
         })
     }
 
-    /// Where `/metrics` and `/health` are served.
+    /// Where `/metrics`, `/health` and `/ready` are served.
     #[must_use]
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_addr
     }
 
-    /// Relays until `shutdown` fires; the batch in hand is finished (or left unstored), stored
-    /// offsets are committed.
+    /// Relays until `shutdown` fires; the batch in hand is finished within the grace period
+    /// (or left unstored, to be redelivered), stored offsets are committed.
     ///
     /// # Errors
     /// Only on unrecoverable failures; per-record errors are handled inside.
@@ -144,31 +155,69 @@ impl Application {
         if let Err(e) = self.script.load(self.redis.next()).await {
             tracing::warn!(error = %e, "delivery script not loaded yet (Redis down?); will load on first use");
         }
+        tokio::spawn(kafka::rejoin_when_idle(
+            Arc::clone(&self.consumer),
+            vec![self.topic.clone()],
+            self.rejoin_after,
+            self.stop.clone(),
+        ));
+        tokio::spawn(audit::report(
+            self.redis.clone(),
+            self.names.audit_key(),
+            Duration::from_secs(self.cfg.audit_interval_secs.max(1)),
+            self.stop.clone(),
+        ));
+        // The batch in hand may finish within the grace period after shutdown fires.
+        let batch_stop = CancellationToken::new();
+        let grace = Duration::from_secs(self.cfg.shutdown_grace_secs);
+        {
+            let (shutdown, batch_stop) = (shutdown.clone(), batch_stop.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(grace).await;
+                batch_stop.cancel();
+            });
+        }
         tracing::info!(topic = %self.topic, "relay running");
+        let mut gaps = GapDetector::default();
+        let mut generation = self.membership.generation();
+        let mut held: Vec<BorrowedMessage<'_>> = Vec::new();
         loop {
-            let first = tokio::select! {
-                () = shutdown.cancelled() => break,
-                m = self.consumer.recv() => m,
-            };
-            let mut batch = Vec::with_capacity(64);
-            match first {
-                Ok(m) => batch.push(m),
-                Err(e) => {
-                    metrics::counter!(m::KAFKA_ERRORS, "service" => "relay", "op" => "consume")
-                        .increment(1);
-                    tracing::warn!(error = %e, "consume error");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+            if self.membership.generation() != generation {
+                generation = self.membership.generation();
+                gaps.clear();
+            }
+            let mut batch = std::mem::take(&mut held);
+            if batch.is_empty() {
+                let first = tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    m = self.consumer.recv() => m,
+                };
+                match first {
+                    Ok(m) => self.admit(&mut gaps, m, &mut batch),
+                    Err(e) => {
+                        metrics::counter!(m::KAFKA_ERRORS, "service" => "relay", "op" => "consume")
+                            .increment(1);
+                        tracing::warn!(error = %e, "consume error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                 }
             }
             // Take whatever else is already fetched, without waiting.
             while batch.len() < self.cfg.batch_max {
-                match tokio::time::timeout(Duration::from_millis(0), self.consumer.recv()).await {
-                    Ok(Ok(m)) => batch.push(m),
+                match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
+                    Ok(Ok(m)) => self.admit(&mut gaps, m, &mut batch),
                     _ => break,
                 }
             }
-            if !self.relay_batch(&batch, &shutdown).await {
+            if batch.is_empty() {
+                continue;
+            }
+            if !self
+                .relay_batch(&batch, &batch_stop, &mut gaps, &mut held)
+                .await
+            {
                 break;
             }
             self.store_offsets(&batch);
@@ -185,208 +234,175 @@ impl Application {
         Ok(())
     }
 
-    /// Writes one batch to Redis, retrying until it succeeds. `false` when shutdown interrupts.
-    async fn relay_batch(
+    /// Adds `msg` to `batch` unless its offset jumped (then the partition is re-read).
+    fn admit<'a>(
         &self,
-        batch: &[BorrowedMessage<'_>],
-        shutdown: &CancellationToken,
+        gaps: &mut GapDetector,
+        msg: BorrowedMessage<'a>,
+        batch: &mut Vec<BorrowedMessage<'a>>,
+    ) {
+        if kafka::admit_offset(
+            &*self.consumer,
+            gaps,
+            &self.topic,
+            msg.partition(),
+            msg.offset(),
+        ) {
+            batch.push(msg);
+        }
+    }
+
+    /// Writes one batch to Redis; `false` when shutdown interrupts (nothing is stored then).
+    /// While Redis is down the partitions are paused and polling goes on; records that still
+    /// arrive are kept in `held` for the next batch.
+    async fn relay_batch<'a>(
+        &'a self,
+        batch: &[BorrowedMessage<'a>],
+        stop: &CancellationToken,
+        gaps: &mut GapDetector,
+        held: &mut Vec<BorrowedMessage<'a>>,
     ) -> bool {
         let now = now_ms();
         let timestamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let mut items = Vec::with_capacity(batch.len());
-        let mut spans = Vec::new();
-        for msg in batch {
-            match self.decode(msg, now, &timestamp) {
-                Ok((item, span)) => {
-                    items.push(item);
-                    spans.extend(span);
+        let mut decoded: Vec<(usize, Decoded, i64)> = Vec::with_capacity(batch.len());
+        for (i, msg) in batch.iter().enumerate() {
+            let traceparent = kafka::header_str(msg.headers(), headers::TRACEPARENT);
+            match deliver::decode(&self.names, msg.payload(), traceparent, now, &timestamp) {
+                Ok(d) => {
+                    let enqueued = kafka::header_str(msg.headers(), headers::ENQUEUED_AT_MS)
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(now);
+                    decoded.push((i, d, enqueued));
                 }
                 Err(reason) => {
-                    if !self.dead_letter(msg, &reason, shutdown).await {
+                    if !self.dead_letter(msg, &reason, stop).await {
                         return false;
                     }
                 }
             }
         }
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match self.write(&items).await {
-                Ok(written) => {
-                    let durable = items
-                        .iter()
-                        .filter(|i| matches!(i, Item::Durable { .. }))
-                        .count();
-                    metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "delivered")
-                        .increment(written);
-                    metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "delta")
-                        .increment((items.len() - durable) as u64);
-                    let dup = durable as u64 - written;
-                    if dup > 0 {
-                        metrics::counter!(m::DUPLICATES, "service" => "relay").increment(dup);
-                    }
-                    for (span, enqueued) in spans {
-                        metrics::histogram!(m::STAGE_LATENCY, "stage" => "relay")
-                            .record((now_ms() - enqueued).max(0) as f64 / 1000.0);
-                        drop(span);
-                    }
-                    return true;
-                }
+        let items: Vec<&deliver::Item> = decoded.iter().map(|(_, d, _)| &d.item).collect();
+        let mut retry = 0u32;
+        let mut paused = false;
+        let written = loop {
+            match deliver::write(
+                &self.redis,
+                &self.script,
+                &self.names.audit_key(),
+                &self.limits,
+                &items,
+            )
+            .await
+            {
+                Ok(w) => break w,
                 Err(e) => {
                     metrics::counter!(m::REDIS_ERRORS, "service" => "relay", "op" => "deliver")
                         .increment(1);
-                    tracing::warn!(error = %e, records = items.len(), "Redis write failed; retrying the batch");
-                    if e.to_string().contains("NOSCRIPT") {
+                    if retry.is_multiple_of(20) {
+                        tracing::warn!(error = %e, class = ?redis_class(&e), records = items.len(), "Redis write failed; retrying the batch");
+                    }
+                    if e.details().contains("NOSCRIPT") {
                         let _ = self.script.load(self.redis.next()).await;
                     }
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = shutdown.cancelled() => return false,
+                    if !paused {
+                        paused = self.pause(true);
                     }
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    let delay = RetryPolicy::UNTIL_SHUTDOWN.jittered(retry);
+                    retry += 1;
+                    let waited = tokio::time::sleep(delay);
+                    tokio::pin!(waited);
+                    // Keep polling while waiting, so the group does not evict the relay.
+                    loop {
+                        tokio::select! {
+                            () = &mut waited => break,
+                            () = stop.cancelled() => return false,
+                            m = self.consumer.recv() => match m {
+                                Ok(m) => self.admit(gaps, m, held),
+                                Err(e) => tracing::debug!(error = %e, "consume error while paused"),
+                            },
+                        }
+                    }
                 }
             }
-        }
-    }
-
-    fn decode(
-        &self,
-        msg: &BorrowedMessage<'_>,
-        now: i64,
-        timestamp: &str,
-    ) -> Result<(Item, Option<(tracing::Span, i64)>), String> {
-        let payload = msg.payload().ok_or("empty payload")?;
-        let record: ResponseRecord =
-            serde_json::from_slice(payload).map_err(|e| format!("unreadable record: {e}"))?;
-        if record.v != SCHEMA_VERSION {
-            return Err(format!("unsupported schema version {}", record.v));
-        }
-        let durable = record.body.is_durable();
-        let enqueued = kafka::header_str(msg.headers(), headers::ENQUEUED_AT_MS)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(now);
-        let (span, traceparent) = if durable {
-            let span = tracing::info_span!("relay.deliver", userid = %record.userid, msg_id = %record.msg_id, otel.kind = "consumer", messaging.system = "kafka", messaging.operation = "process");
-            continue_from(
-                &span,
-                kafka::header_str(msg.headers(), headers::TRACEPARENT),
-            );
-            let tp = traceparent_of(&span);
-            (Some(span), tp)
-        } else {
-            (None, None)
         };
-        let channel = self.names.user_channel(&record.userid);
-        let delivery = Delivery {
-            event_id: None,
-            msg_id: record.msg_id,
-            userid: record.userid,
-            received_at_ms: record.received_at_ms,
-            timestamp: timestamp.to_owned(),
-            relayed_at_ms: now,
-            traceparent,
-            body: record.body,
-        };
-        let payload = serde_json::to_string(&delivery).map_err(|e| e.to_string())?;
-        let item = if durable {
-            Item::Durable {
-                user_key: self.names.inbox_key(&delivery.userid),
-                channel,
-                marker: self.names.delivered_key(&delivery.userid, &delivery.msg_id),
-                payload,
-            }
-        } else {
-            Item::Delta { channel, payload }
-        };
-        Ok((item, span.map(|s| (s, enqueued))))
-    }
-
-    /// One pipelined round trip; returns how many durable records were newly delivered.
-    async fn write(&self, items: &[Item]) -> Result<u64, fred::error::Error> {
-        if items.is_empty() {
-            return Ok(0);
+        if paused {
+            self.pause(false);
         }
-        let client = self.redis.next();
-        let pipe = client.pipeline();
-        let maxlen = self.cfg.inbox_maxlen.to_string();
-        let inbox_ttl = (self.cfg.inbox_ttl_secs * 1000).to_string();
-        let marker_ttl = (self.cfg.delivered_ttl_secs * 1000).to_string();
-        for item in items {
-            match item {
-                Item::Durable {
-                    user_key,
-                    channel,
-                    marker,
-                    payload,
-                } => {
-                    // Pipelines have no script interface in fred; EVALSHA goes as a plain command.
-                    let args: Vec<&str> = vec![
-                        self.script.sha1(),
-                        "3",
-                        user_key,
-                        channel,
-                        marker,
-                        &maxlen,
-                        payload,
-                        &inbox_ttl,
-                        &marker_ttl,
-                    ];
-                    let _: () = pipe
-                        .custom(CustomCommand::new_static("EVALSHA", None, false), args)
-                        .await?;
-                }
-                Item::Delta { channel, payload } => {
-                    let _: () = pipe.publish(channel.as_str(), payload.as_str()).await?;
+        let (mut new, mut dup, mut deltas) = (0u64, 0u64, 0u64);
+        for ((i, d, enqueued), w) in decoded.into_iter().zip(written) {
+            match w {
+                Written::Ok { new: true } if d.item.is_durable() => new += 1,
+                Written::Ok { new: false } => dup += 1,
+                Written::Ok { .. } => deltas += 1,
+                Written::Refused(e) => {
+                    let reason = format!("Redis refused the delivery: {e}");
+                    if !self.dead_letter(&batch[i], &reason, stop).await {
+                        return false;
+                    }
                 }
             }
-        }
-        let results: Vec<Value> = pipe.all().await?;
-        let mut written = 0;
-        for (item, value) in items.iter().zip(results) {
-            if matches!(item, Item::Durable { .. }) && value.as_i64() == Some(1) {
-                written += 1;
+            if let Some(span) = d.span {
+                metrics::histogram!(m::STAGE_LATENCY, "stage" => "relay")
+                    .record((now_ms() - enqueued).max(0) as f64 / 1000.0);
+                drop(span);
             }
         }
-        Ok(written)
+        metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "delivered")
+            .increment(new);
+        metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "delta")
+            .increment(deltas);
+        if dup > 0 {
+            metrics::counter!(m::DUPLICATES, "service" => "relay").increment(dup);
+        }
+        true
     }
 
+    /// Dead-letters `msg`. `false` only when shutdown interrupts; when the dead letter cannot
+    /// be written for good the record is skipped with an error naming its offset (it stays
+    /// in `responses` until retention), so one bad record never stops every user.
     async fn dead_letter(
         &self,
         msg: &BorrowedMessage<'_>,
         reason: &str,
-        shutdown: &CancellationToken,
+        stop: &CancellationToken,
     ) -> bool {
-        tracing::warn!(%reason, partition = msg.partition(), offset = msg.offset(), "response record dead-lettered");
-        let dlq = self.names.responses_dlq_topic();
-        loop {
-            let headers = OwnedHeaders::new().insert(Header {
-                key: "dlq_reason",
-                value: Some(reason),
-            });
-            let mut record = FutureRecord::to(&dlq)
-                .payload(msg.payload().unwrap_or_default())
-                .headers(headers);
-            if let Some(k) = msg.key() {
-                record = record.key(k);
-            }
-            let sent = tokio::select! {
-                r = self.producer.send(record, Timeout::After(Duration::from_secs(10))) => r,
-                () = shutdown.cancelled() => return false,
-            };
-            match sent {
-                Ok(_) => {
-                    metrics::counter!(m::DLQ_WRITES, "service" => "relay", "topic" => dlq.clone())
-                        .increment(1);
-                    metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "dead_lettered").increment(1);
-                    return true;
-                }
-                Err((e, _)) => {
-                    metrics::counter!(m::KAFKA_ERRORS, "service" => "relay", "op" => "dlq")
-                        .increment(1);
-                    tracing::warn!(error = %e, "dead letter failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
+        metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "dead_lettered")
+            .increment(1);
+        let headers = msg.headers().map(|h| h.detach()).unwrap_or_default();
+        match self
+            .dead_letters
+            .write(
+                msg.payload().unwrap_or_default(),
+                msg.key(),
+                headers,
+                reason,
+                stop,
+            )
+            .await
+        {
+            Ok(()) => true,
+            Err(RetryError::Cancelled) => false,
+            Err(e) => {
+                tracing::error!(partition = msg.partition(), offset = msg.offset(), %reason, error = %e, "record skipped without a dead letter");
+                true
             }
         }
+    }
+
+    /// Pauses (or resumes) every partition held; returns whether it took effect.
+    fn pause(&self, pause: bool) -> bool {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return false;
+        };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        if let Err(e) = &result {
+            tracing::warn!(pause, error = %e, "pause/resume failed");
+        }
+        result.is_ok()
     }
 
     fn store_offsets(&self, batch: &[BorrowedMessage<'_>]) {
@@ -400,16 +416,5 @@ impl Application {
                 tracing::debug!(partition, error = %e, "offset not stored (partition revoked?)");
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_script_writes_the_field_the_gateway_reads() {
-        let field = colloquy_core::records::INBOX_FIELD;
-        assert!(DELIVER_LUA.contains(&format!("'*', '{field}', ARGV[2]")));
     }
 }

@@ -3,6 +3,7 @@
 
 mod backoff;
 mod chat_page;
+mod consumers;
 mod delivery;
 mod gateway;
 mod slo;
