@@ -149,7 +149,11 @@ async fn a_resent_message_is_answered_once_and_charged_once() {
     app.mock().echo().await;
     let mut ws = app.connect(0, "resender").await.unwrap();
     ws.send_message("same", "only once").await.unwrap();
-    ws.response_to("same", T).await.unwrap();
+    let ServerFrame::Response { content, .. } = ws.response_to("same", T).await.unwrap() else {
+        unreachable!()
+    };
+    // A resend of an answered id is acked and gets the stored answer again (never silence),
+    // without a second LLM call.
     ws.send_message("same", "only once").await.unwrap();
     ws.recv_until(
         T,
@@ -157,7 +161,11 @@ async fn a_resent_message_is_answered_once_and_charged_once() {
     )
     .await
     .unwrap();
-    // Give the duplicate time to flow through; then prove nothing else arrived.
+    let ServerFrame::Response { content: again, .. } = ws.response_to("same", T).await.unwrap()
+    else {
+        unreachable!()
+    };
+    assert_eq!(again, content);
     ws.send_message("after", "next").await.unwrap();
     let next = ws
         .recv_until(T, |f| matches!(f, ServerFrame::Response { .. }))
