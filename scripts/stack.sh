@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole Colloquy stack on this machine, every process on 127.0.0.1:
 #
-#   tansu (Kafka protocol, sqlite storage) :9092   redis :6379   fake LLM :8090 (when no OPENAI_API_KEY)
+#   tansu (Kafka protocol; KAFKA_STORAGE=sqlite (durable, default) or memory) :9092   redis :6379   fake LLM :8090 (when no OPENAI_API_KEY)
 #   gateway gw1 :8001, gw2 :8002   ai-consumer metrics :9101   relay metrics :9102
 #   nginx :8080 (least_conn over the gateways)   Prometheus :9090
 #
@@ -154,12 +154,32 @@ cmd_up() {
   # If anything below fails (or we are interrupted), stop what was already started.
   trap 'log "start-up failed: stopping what was started"; cmd_down' EXIT
 
-  # Kafka protocol: tansu. KAFKA_STORAGE=sqlite (default) is durable across restarts;
-  # KAFKA_STORAGE=memory is what the throughput runs use (see docs/performance.md: tansu
-  # 0.6's sqlite engine fetches slowly and panics under heavy idempotent produce load).
-  # sqlite://NAME is relative to the working dir.
-  local storage="sqlite://tansu.db"
-  [ "${KAFKA_STORAGE:-sqlite}" = memory ] && storage="memory://tansu/"
+  # Kafka protocol: tansu 0.6. See docs/storage.md for the measurements behind these choices.
+  #   KAFKA_STORAGE=sqlite (default): durable across restarts (run/tansu/tansu.db, WAL). tansu's
+  #     sqlite engine re-prepares every SQL statement and serves all storage requests one at a
+  #     time, and every fetch pass costs ~4 statements per partition, so the consumers' fetch wait
+  #     and the partition count set its idle CPU: the stack defaults them to 100 ms and 2 here
+  #     (idle broker ~5 % of a core instead of 55-100 % with 5 ms and 8). Its ceiling is a few
+  #     hundred messages/s, and a producer whose messages time out bumps its epoch, which panics
+  #     the engine (lite.rs:503) and stops all storage until tansu is restarted.
+  #   KAFKA_STORAGE=memory: fast (the throughput runs use it), forgets everything on restart.
+  # Both knobs stay overridable (KAFKA_FETCH_WAIT_MAX_MS, KAFKA_PARTITIONS); partitions only
+  # apply to topics the services create, so an existing run/tansu/tansu.db keeps its count.
+  local storage kafka_fetch_wait kafka_partitions
+  case "${KAFKA_STORAGE:-sqlite}" in
+    sqlite)
+      storage="sqlite://tansu.db"   # relative to the working dir, run/tansu
+      kafka_fetch_wait="${KAFKA_FETCH_WAIT_MAX_MS:-100}"
+      kafka_partitions="${KAFKA_PARTITIONS:-2}"
+      ;;
+    memory)
+      storage="memory://tansu/"
+      kafka_fetch_wait="${KAFKA_FETCH_WAIT_MAX_MS:-5}"
+      kafka_partitions="${KAFKA_PARTITIONS:-8}"
+      ;;
+    *) die "KAFKA_STORAGE must be sqlite (durable, the default) or memory, not '${KAFKA_STORAGE}'" ;;
+  esac
+  log "Kafka storage: ${KAFKA_STORAGE:-sqlite} ($storage); consumers' fetch wait ${kafka_fetch_wait} ms, ${kafka_partitions} partitions per topic"
   start tansu "$RUN/tansu" RUST_LOG="${TANSU_LOG:-warn}" -- \
     tansu broker \
       --listener-url tcp://127.0.0.1:9092 \
@@ -176,6 +196,8 @@ cmd_up() {
 
   local svc_env=(
     KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092
+    KAFKA_FETCH_WAIT_MAX_MS="$kafka_fetch_wait"
+    KAFKA_PARTITIONS="$kafka_partitions"
     REDIS_URL=redis://127.0.0.1:6379
   )
   if [ "$use_fake" = 1 ]; then
