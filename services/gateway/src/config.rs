@@ -17,7 +17,12 @@ pub struct GatewayConfig {
     pub instance_id: String,
     /// Development mode: allows the built-in secret, an open `POST /token` and localhost origins.
     /// Never set it in production; `scripts/stack.sh` sets it and says so.
-    #[arg(long = "dev", env = "COLLOQUY_DEV")]
+    #[arg(
+        long = "dev",
+        env = "COLLOQUY_DEV",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub dev: bool,
     /// HS256 secret shared by all gateways, at least 32 bytes. The default only works in dev mode.
     #[arg(

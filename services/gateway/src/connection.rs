@@ -150,7 +150,7 @@ struct Reading {
     /// Something may have been missed while reading (a gap, or `pending` overflowed): read
     /// again from where the page ends before finishing.
     again: bool,
-    /// A `resume` arrived while reading: read from this cursor next.
+    /// A `resume` arrived while reading: read from this cursor too, next.
     resume: Option<EventId>,
     /// A `resume` is being answered: send `resumed` at the end.
     report: bool,
@@ -214,6 +214,8 @@ pub struct Connection {
     last_heard_ms: u64,
     last_ping_ms: u64,
     closed: bool,
+    /// Deliveries not written because this connection wrote them already, not yet counted.
+    duplicates: u64,
 }
 
 impl Connection {
@@ -242,6 +244,7 @@ impl Connection {
             last_heard_ms: now_ms,
             last_ping_ms: now_ms,
             closed: false,
+            duplicates: 0,
         };
         let mut actions = vec![Action::Write(ServerFrame::Welcome {
             position: position.to_string(),
@@ -268,6 +271,11 @@ impl Connection {
     #[must_use]
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Deliveries skipped as already written since the last call (for the duplicates count).
+    pub fn take_duplicates(&mut self) -> u64 {
+        std::mem::take(&mut self.duplicates)
     }
 
     /// Whether the connection decided to close.
@@ -489,16 +497,18 @@ impl Connection {
         let Replay::Reading(r) = &mut self.replay else {
             return out;
         };
-        if let Some(from) = r.resume.take() {
+        // More to read: the rest of this replay (`more`, or a gap while reading) from where the
+        // page ends, and a `resume` that came meanwhile from its cursor; both from the lower.
+        let unfinished = page.more || r.again;
+        let resume = r.resume.take();
+        let next = match (unfinished, resume) {
+            (true, Some(c)) => Some(c.min(end)),
+            (true, None) => Some(end),
+            (false, resume) => resume,
+        };
+        if let Some(from) = next {
             r.after = from;
-            r.checking = true;
-            r.again = false;
-            out.push(self.read_action());
-            return out;
-        }
-        if page.more || r.again {
-            r.after = end;
-            r.checking = false;
+            r.checking = resume.is_some();
             r.again = false;
             out.push(self.read_action());
             return out;
@@ -568,7 +578,9 @@ impl Connection {
     }
 
     fn write(&mut self, d: Arc<Delivery>, id: EventId, out: &mut Vec<Action>) {
-        if !self.written.contains(id) {
+        if self.written.contains(id) {
+            self.duplicates += 1;
+        } else {
             self.written.insert(id, self.limits.memory);
             out.push(Action::Deliver(d));
         }
@@ -732,6 +744,8 @@ mod tests {
         assert_eq!(reads(&out), vec![(id(0), true, 0)], "a resume may lower the cursor");
         let out = conn.on_inbox(page(&[1, 2, 3], false, Some(false)));
         assert_eq!(delivered(&out), vec![2], "1 and 3 were written already");
+        assert_eq!(conn.take_duplicates(), 2);
+        assert_eq!(conn.take_duplicates(), 0);
         assert_eq!(resumed(&out), Some(true));
         assert_eq!(conn.cursor(), id(3));
     }
@@ -793,8 +807,10 @@ mod tests {
             matches!(&refused[..], [Action::Refuse(ServerFrame::Error { code: ErrorCode::RateLimited, retry_after_ms: Some(_), .. }, Refusal::TooManyResumes)]),
             "{refused:?}"
         );
-        // A second later one more is allowed.
+        // The coalesced resumes finish the replay; a second later one more is allowed.
         let _ = conn.on_inbox(page(&[], false, Some(false)));
+        let _ = conn.on_inbox(page(&[], false, Some(false)));
+        assert!(!conn.is_replaying());
         assert_eq!(reads(&conn.on_text(resume, 1_000)).len(), 1);
     }
 
@@ -889,7 +905,7 @@ mod tests {
         Process,
         /// The pending inbox read runs now (or fails).
         Read { fail: bool },
-        /// The client resumes from one of the ids it could know (index into the inbox, or 0-0).
+        /// The client resumes from one of the cursors it could hold (an index into them).
         Resume(usize),
     }
 
@@ -918,6 +934,7 @@ mod tests {
         gap: bool,
         read: Option<(EventId, u64)>,
         written: Vec<u64>,
+        position: EventId,
         lowest_cursor: EventId,
     }
 
@@ -986,16 +1003,20 @@ mod tests {
                     }
                 }
                 Step::Resume(i) => {
-                    let cursor = if i == 0 || self.inbox.is_empty() {
-                        EventId::default()
-                    } else {
-                        id(self.inbox[(i - 1) % self.inbox.len()])
-                    };
-                    self.lowest_cursor = self.lowest_cursor.min(cursor);
+                    // A client's cursor is always something it was given: `0-0`, the welcome
+                    // position, or an event written to it.
+                    let known: Vec<EventId> = [EventId::default(), self.position]
+                        .into_iter()
+                        .chain(self.written.iter().map(|&ms| id(ms)))
+                        .collect();
+                    let cursor = known[i % known.len()];
                     let text = format!(r#"{{"type":"resume","after":"{cursor}"}}"#);
-                    // A clock far enough apart that the resume budget never runs out here.
-                    let now = self.next * 1_000_000 + self.written.len() as u64;
+                    let now = self.next * 1_000 + self.written.len() as u64;
                     let a = self.conn.on_text(&text, now);
+                    // A refused resume (over its budget) promises nothing.
+                    if !a.iter().any(|a| matches!(a, Action::Refuse(..))) {
+                        self.lowest_cursor = self.lowest_cursor.min(cursor);
+                    }
                     self.apply(a);
                 }
             }
@@ -1096,6 +1117,7 @@ mod tests {
                 gap: false,
                 read: None,
                 written: Vec::new(),
+                position: id(position),
                 lowest_cursor: id(after.unwrap_or(position)),
             };
             world.apply(first);

@@ -306,6 +306,9 @@ async fn resubscribe(subscriber: &SubscriberClient, shutdown: &CancellationToken
         cap: Duration::from_secs(5),
         max_attempts: u32::MAX,
     };
+    if subscriber.tracked_channels().is_empty() {
+        return true;
+    }
     let mut attempts = 0u32;
     loop {
         attempts = attempts.saturating_add(1);

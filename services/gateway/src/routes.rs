@@ -10,7 +10,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fred::prelude::*;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::json;
@@ -110,39 +110,8 @@ async fn websocket(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0);
     // Refusals are sent as close frames after the upgrade, because a browser cannot read an HTTP status.
-    let verdict = origin_allowed(&state.config, &headers)
-        .then_some(())
-        .ok_or("origin not allowed")
-        .and_then(|()| params
-        .userid
-        .as_deref()
-        .map(UserId::parse)
-        .ok_or("missing userid")
-        .and_then(|r| r.map_err(|_| "invalid userid"))
-        .and_then(|user| {
-            state
-                .tokens
-                .verify(params.token.as_deref(), &user)
-                .map(|exp| (user, exp))
-                .map_err(|e| match e {
-                    AuthError::Missing => "missing token",
-                    AuthError::Expired => "token expired",
-                    AuthError::Invalid => "invalid token",
-                    AuthError::WrongUser => "token does not belong to this userid",
-                })
-        }));
-    let after = match params.after.as_deref().map(EventId::parse) {
-        None => Ok(None),
-        Some(Some(a)) => Ok(Some(a)),
-        Some(None) => Err("after is not an event id"),
-    };
-    match verdict.and_then(|v| after.map(|a| (v, a))) {
-        Ok(((user, exp), after)) => {
-            let accepted = Accepted {
-                user,
-                after,
-                token_expires_ms: Some(exp.saturating_mul(1000)),
-            };
+    match admit(&state, &params, &headers) {
+        Ok(accepted) => {
             ws.on_upgrade(move |socket| {
                 let sessions = state.sessions.clone();
                 sessions.track_future(async move {
@@ -160,19 +129,44 @@ async fn websocket(
             metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => label).increment(1);
             ws.on_upgrade(move |socket| async move {
                 let (mut sink, mut stream) = socket.split();
-                let _ = sink.send(close::message(close::POLICY, reason)).await;
-                // Wait for the client's close (bounded) so ours is read before TCP ends.
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    while let Some(Ok(m)) = stream.next().await {
-                        if matches!(m, axum::extract::ws::Message::Close(_)) {
-                            break;
-                        }
-                    }
-                })
-                .await;
+                session::close_and_linger(&mut sink, &mut stream, close::POLICY, reason).await;
             })
         }
     }
+}
+
+/// Checks a `/ws` request: its origin, userid, token and cursor. The error is the close reason.
+fn admit(
+    state: &AppState,
+    params: &WsParams,
+    headers: &HeaderMap,
+) -> Result<Accepted, &'static str> {
+    if !origin_allowed(&state.config, headers) {
+        return Err("origin not allowed");
+    }
+    let user = params
+        .userid
+        .as_deref()
+        .ok_or("missing userid")
+        .and_then(|u| UserId::parse(u).map_err(|_| "invalid userid"))?;
+    let exp = state
+        .tokens
+        .verify(params.token.as_deref(), &user)
+        .map_err(|e| match e {
+            AuthError::Missing => "missing token",
+            AuthError::Expired => "token expired",
+            AuthError::Invalid => "invalid token",
+            AuthError::WrongUser => "token does not belong to this userid",
+        })?;
+    let after = match params.after.as_deref() {
+        None => None,
+        Some(a) => Some(EventId::parse(a).ok_or("after is not an event id")?),
+    };
+    Ok(Accepted {
+        user,
+        after,
+        token_expires_ms: Some(exp.saturating_mul(1000)),
+    })
 }
 
 /// Whether a `/ws` request may proceed given its `Origin`: no header (a non-browser client),

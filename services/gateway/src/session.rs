@@ -239,7 +239,7 @@ fn unix_ms() -> u64 {
 /// Sends a close frame, then reads (and discards) until the peer answers with its own close or
 /// goes away, at most [`CLOSE_LINGER`]: the close frame is always delivered before the TCP
 /// connection ends.
-async fn close_and_linger<S, R>(sink: &mut S, stream: &mut R, code: u16, reason: &str)
+pub async fn close_and_linger<S, R>(sink: &mut S, stream: &mut R, code: u16, reason: &str)
 where
     S: Sink<Message> + Unpin,
     R: Stream<Item = Result<Message, axum::Error>> + Unpin,
@@ -321,6 +321,10 @@ impl Io<'_> {
                 return Some(End::Gone);
             }
             wrote = true;
+        }
+        let duplicates = conn.take_duplicates();
+        if duplicates > 0 {
+            metrics::counter!(m::DUPLICATES, "service" => "gateway").increment(duplicates);
         }
         if wrote && sink.flush().await.is_err() {
             return Some(End::Gone);

@@ -8,8 +8,11 @@ fn gateway(envs: &[(&str, &str)], args: &[&str]) -> Output {
         .env_clear()
         .envs(envs.iter().copied())
         .args(args)
-        // Nothing listens here: if the gateway got past its checks it would still not serve.
-        .env("GATEWAY_LISTEN", "127.0.0.1:0")
+        // Closed ports for Kafka and Redis, and an address that cannot be bound (TEST-NET-1):
+        // a gateway that gets past its checks fails at `bind`, and touches nothing else.
+        .env("GATEWAY_LISTEN", "192.0.2.1:1")
+        .env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+        .env("REDIS_URL", "redis://127.0.0.1:1")
         .env("RUST_LOG", "off")
         .output()
         .expect("run the gateway binary")
@@ -40,4 +43,19 @@ fn an_open_token_endpoint_is_refused() {
         &gateway(&[("AUTH_SECRET", secret)], &[]),
         "AUTH_ADMIN_TOKEN",
     );
+}
+
+#[test]
+fn dev_mode_accepts_the_defaults_with_the_variable_or_the_flag() {
+    for (envs, args) in [
+        (&[("COLLOQUY_DEV", "1")][..], &[][..]),
+        (&[][..], &["--dev"][..]),
+    ] {
+        let out = gateway(envs, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Past the checks: it fails only where the test made it fail, at bind.
+        assert!(!out.status.success());
+        assert!(stderr.contains("cannot listen on 192.0.2.1:1"), "{stderr}");
+        assert!(!stderr.contains("AUTH_SECRET"), "{stderr}");
+    }
 }

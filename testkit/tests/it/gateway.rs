@@ -696,3 +696,140 @@ async fn connecting_while_redis_is_down_fails_fast_with_1013() {
     app.infra.start_redis().await.unwrap();
     app.shutdown().await;
 }
+
+/// A Redis of our own that answers `LOADING` for several seconds after it starts: a dump of
+/// 20,000 keys loaded with a delay per key, serving clients between keys.
+struct LoadingRedis {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl LoadingRedis {
+    fn start() -> anyhow::Result<Self> {
+        use anyhow::Context;
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir()?;
+        let port = colloquy_testkit::infra::free_port()?;
+        let redis = |extra: &[&str]| {
+            Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+                .args(["--appendonly", "no", "--dbfilename", "dump.rdb"])
+                .arg("--dir")
+                .arg(dir.path())
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("redis-server")
+        };
+        let cli = |args: &[&str]| {
+            Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(args)
+                .output()
+                .context("redis-cli")
+        };
+        // Write the dump with a plain Redis.
+        let mut writer = redis(&[])?;
+        let mut written = false;
+        for _ in 0..100 {
+            let out = cli(&["eval", "for i=1,20000 do redis.call('SET','k'..i,'v') end return 1", "0"])?;
+            if String::from_utf8_lossy(&out.stdout).trim() == "1" {
+                written = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        anyhow::ensure!(written, "could not fill the seed Redis");
+        cli(&["save"])?;
+        cli(&["shutdown", "nosave"])?;
+        let _ = writer.wait();
+        // 20,000 keys at 400 µs each: about 8 s of LOADING, answering clients every 1 kB.
+        let child = redis(&[
+            "--key-load-delay",
+            "400",
+            "--loading-process-events-interval-bytes",
+            "1024",
+        ])?;
+        Ok(Self {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// What Redis answers to PING right now (`PONG`, or the `LOADING` error).
+    fn ping(&self) -> String {
+        std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "ping"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for LoadingRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_while_redis_is_loading_becomes_ready_when_redis_does() {
+    let app = TestApp::spawn().await.unwrap();
+    let redis = LoadingRedis::start().unwrap();
+    // Wait until the new Redis answers at all, and answers LOADING.
+    let mut answer = String::new();
+    for _ in 0..100 {
+        answer = redis.ping();
+        if !answer.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(answer.starts_with("LOADING"), "Redis is loading: {answer:?}");
+    let gw = colloquy_gateway::Application::build(colloquy_gateway::Settings {
+        gateway: colloquy_gateway::config::GatewayConfig::local("127.0.0.1:0".parse().unwrap()),
+        kafka: app.kafka(),
+        redis: colloquy_core::config::RedisConfig::local(redis.url()),
+        names: app.names.clone(),
+    })
+    .await
+    .unwrap();
+    let port = gw.port();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(gw.run_until_stopped(stop.clone()));
+    let ready = format!("http://127.0.0.1:{port}/ready");
+    let status = app.http.get(&ready).send().await.unwrap().status();
+    if redis.ping().starts_with("LOADING") {
+        assert_eq!(status, 503, "not ready while Redis loads");
+    }
+    // Ready once Redis is, well within a minute.
+    let mut became_ready = false;
+    for _ in 0..600 {
+        if app.http.get(&ready).send().await.unwrap().status() == 200 {
+            became_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(redis.ping(), "PONG");
+    assert!(became_ready, "the gateway never became ready after Redis loaded");
+    // And it serves: a socket gets its welcome.
+    let token = colloquy_testkit::client::fetch_token(&app.http, &format!("http://127.0.0.1:{port}"), "after_loading")
+        .await
+        .unwrap();
+    let mut ws = WsClient::connect(&format!("ws://127.0.0.1:{port}"), "after_loading", &token, None)
+        .await
+        .unwrap();
+    ws.welcome(T).await.unwrap();
+    stop.cancel();
+    let _ = task.await;
+    app.shutdown().await;
+}
