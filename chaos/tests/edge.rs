@@ -15,7 +15,7 @@ use colloquy_chaos::nginx;
 use colloquy_core::wire::ServerFrame;
 use colloquy_testkit::TestApp;
 use colloquy_testkit::harness::TestAppBuilder;
-use colloquy_testkit::client::{Received, WsClient};
+use colloquy_testkit::client::WsClient;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -124,15 +124,6 @@ async fn stack(
     let ports: Vec<u16> = app.gateways.iter().map(|g| g.port).collect();
     let edge = Edge::start(&bin, &ports).await.expect("nginx");
     Some((app, edge))
-}
-
-async fn close_code(ws: &mut WsClient) -> (u16, String) {
-    loop {
-        match ws.recv(T).await.expect("a frame or close") {
-            Received::Closed { code, reason } => return (code, reason),
-            Received::Frame(_) => {}
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,17 +74,33 @@ pub async fn read(
     })
 }
 
-/// Whether the stream at `key` lost entries after `after`: its `max-deleted-entry-id` is above
-/// the cursor, or it no longer exists while the cursor is not `0-0` (expired).
+/// Whether the stream at `key` may have lost entries after `after`: it no longer exists while
+/// the cursor is not `0-0` (expired), or it was trimmed (`entries-added` above `length`) and its
+/// first entry kept is above the cursor, or an entry above the cursor was deleted
+/// (`max-deleted-entry-id`, which Redis updates on `XDEL`, not on trimming). Cautious: a cursor
+/// just below the first entry kept counts as incomplete even when nothing between was ever there.
 async fn trimmed_after(redis: &Pool, key: &str, after: EventId) -> Result<bool, Error> {
     let exists: i64 = redis.exists(key).await?;
     if exists == 0 {
         return Ok(after != EventId::default());
     }
     let info: HashMap<String, Value> = redis.xinfo_stream(key, false, None).await?;
-    let deleted = info
-        .get("max-deleted-entry-id")
-        .and_then(Value::as_string)
-        .and_then(|s| EventId::parse(&s));
-    Ok(deleted.is_some_and(|deleted| deleted > after))
+    let number = |k: &str| info.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let id = |k: &str| {
+        info.get(k)
+            .and_then(Value::as_string)
+            .and_then(|s| EventId::parse(&s))
+            .unwrap_or_default()
+    };
+    let trimmed = number("entries-added") > number("length");
+    let first_kept = if number("length") == 0 {
+        // Everything was removed: the next entry would come after the last id generated.
+        EventId {
+            ms: id("last-generated-id").ms,
+            seq: id("last-generated-id").seq.saturating_add(1),
+        }
+    } else {
+        id("recorded-first-entry-id")
+    };
+    Ok((trimmed && first_kept > after) || id("max-deleted-entry-id") > after)
 }
