@@ -29,7 +29,10 @@ impl std::fmt::Display for RenderError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::MissingToken(t) => {
-                write!(f, "infra/nginx.conf lost the line `{t}` that the renderer replaces")
+                write!(
+                    f,
+                    "infra/nginx.conf lost the line `{t}` that the renderer replaces"
+                )
             }
             Self::NoGateways => f.write_str("an edge needs at least one gateway"),
         }
@@ -59,7 +62,10 @@ pub fn render(port: u16, gateways: &[u16]) -> Result<String, RenderError> {
         .join(indent);
     Ok(TEMPLATE
         .replace(LISTEN, &format!("listen       127.0.0.1:{port};"))
-        .replace(&format!("{}{indent}{}", UPSTREAMS[0], UPSTREAMS[1]), &servers))
+        .replace(
+            &format!("{}{indent}{}", UPSTREAMS[0], UPSTREAMS[1]),
+            &servers,
+        ))
 }
 
 /// [`render`] for a stack that always has gateways.
@@ -80,7 +86,10 @@ mod tests {
         let conf = render(18080, &[18001, 18002, 18003]).unwrap();
         assert!(conf.contains("listen       127.0.0.1:18080;"));
         for p in [18001, 18002, 18003] {
-            assert!(conf.contains(&format!("server 127.0.0.1:{p} max_fails=1")), "{p}");
+            assert!(
+                conf.contains(&format!("server 127.0.0.1:{p} max_fails=1")),
+                "{p}"
+            );
         }
         assert!(!conf.contains("127.0.0.1:8080;") && !conf.contains("127.0.0.1:8001"));
     }
@@ -88,7 +97,12 @@ mod tests {
     #[test]
     fn keeps_the_edge_rules() {
         let conf = config(18080, &[18001]);
-        for rule in ["limit_req ", "limit_conn ", "return 404;", "$request_method $uri"] {
+        for rule in [
+            "limit_req ",
+            "limit_conn ",
+            "return 404;",
+            "$request_method $uri",
+        ] {
             assert!(conf.contains(rule), "{rule}");
         }
         assert!(!conf.contains("\"$request\""), "no query strings in logs");

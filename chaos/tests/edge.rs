@@ -14,8 +14,8 @@ use tokio_tungstenite::tungstenite::Message;
 use colloquy_chaos::nginx;
 use colloquy_core::wire::ServerFrame;
 use colloquy_testkit::TestApp;
-use colloquy_testkit::harness::TestAppBuilder;
 use colloquy_testkit::client::WsClient;
+use colloquy_testkit::harness::TestAppBuilder;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -86,8 +86,7 @@ impl Edge {
     }
 
     fn error_log(&self) -> String {
-        std::fs::read_to_string(self.prefix.path().join("logs/nginx-error.log"))
-            .unwrap_or_default()
+        std::fs::read_to_string(self.prefix.path().join("logs/nginx-error.log")).unwrap_or_default()
     }
 }
 
@@ -130,7 +129,9 @@ async fn stack(
 async fn an_oversized_frame_gets_its_1009_close_through_the_edge() {
     let Some((app, edge)) = stack("oversized_frame", |b| {
         b.gateway_config(|g| g.max_frame_bytes = 65_536)
-    }).await else {
+    })
+    .await
+    else {
         return;
     };
     let token = app.token("bigmouth").await.unwrap();
@@ -146,7 +147,9 @@ async fn an_oversized_frame_gets_its_1009_close_through_the_edge() {
         let close = tokio::time::timeout(T, async {
             while let Some(m) = stream.next().await {
                 match m {
-                    Ok(Message::Close(Some(f))) => return Some((u16::from(f.code), f.reason.to_string())),
+                    Ok(Message::Close(Some(f))) => {
+                        return Some((u16::from(f.code), f.reason.to_string()));
+                    }
                     Ok(Message::Close(None)) | Err(_) => return None,
                     Ok(_) => {}
                 }
@@ -156,7 +159,8 @@ async fn an_oversized_frame_gets_its_1009_close_through_the_edge() {
         .await
         .expect("the socket ends in time");
         sending.abort();
-        let (code, reason) = close.unwrap_or_else(|| panic!("{size} bytes: no close frame reached the client"));
+        let (code, reason) =
+            close.unwrap_or_else(|| panic!("{size} bytes: no close frame reached the client"));
         assert_eq!(code, 1009, "{size} bytes: {reason}");
         assert!(reason.contains("too large"), "{reason}");
     }
@@ -218,7 +222,8 @@ async fn metrics_and_ready_are_not_served_at_the_edge_and_logs_carry_no_query() 
 async fn token_requests_and_sockets_per_address_are_limited() {
     let Some((app, edge)) = stack("edge_limits", |b| {
         b.gateway_config(|g| g.max_connections_per_user = 1_000)
-    }).await
+    })
+    .await
     else {
         return;
     };

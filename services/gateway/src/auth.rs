@@ -203,7 +203,10 @@ mod tests {
         // Without the two claims at all (a token of the previous format).
         let old = serde_json::json!({"sub": "alice", "iat": now, "exp": now + 60});
         let token = encode(&Header::new(Algorithm::HS256), &old, &key).unwrap();
-        assert_eq!(svc("k").verify(Some(&token), &alice), Err(AuthError::Invalid));
+        assert_eq!(
+            svc("k").verify(Some(&token), &alice),
+            Err(AuthError::Invalid)
+        );
     }
 
     #[test]

@@ -211,12 +211,18 @@ mod tests {
     #[test]
     fn dev_mode_allows_the_defaults() {
         assert_eq!(parse(&["--dev"]).validate(), Ok(()));
-        assert_eq!(GatewayConfig::local("127.0.0.1:0".parse().unwrap()).validate(), Ok(()));
+        assert_eq!(
+            GatewayConfig::local("127.0.0.1:0".parse().unwrap()).validate(),
+            Ok(())
+        );
     }
 
     #[test]
     fn origins_are_a_comma_separated_list() {
         let cfg = parse(&["--allowed-origins", "https://a.example,https://b.example"]);
-        assert_eq!(cfg.allowed_origins, ["https://a.example", "https://b.example"]);
+        assert_eq!(
+            cfg.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
     }
 }

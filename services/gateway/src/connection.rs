@@ -311,7 +311,10 @@ impl Connection {
             ClientFrame::Resume { after } => match EventId::parse(&after) {
                 Some(after) => self.on_resume(after, now_ms),
                 None => vec![Action::Refuse(
-                    ServerFrame::error(ErrorCode::InvalidMessage, "resume cursor is not an event id"),
+                    ServerFrame::error(
+                        ErrorCode::InvalidMessage,
+                        "resume cursor is not an event id",
+                    ),
                     Refusal::Invalid,
                 )],
             },
@@ -741,7 +744,11 @@ mod tests {
         assert_eq!(delivered(&conn.on_live(answer(1))), vec![1]);
         assert_eq!(delivered(&conn.on_live(answer(3))), vec![3]);
         let out = conn.on_text(r#"{"type":"resume","after":"0-0"}"#, 1);
-        assert_eq!(reads(&out), vec![(id(0), true, 0)], "a resume may lower the cursor");
+        assert_eq!(
+            reads(&out),
+            vec![(id(0), true, 0)],
+            "a resume may lower the cursor"
+        );
         let out = conn.on_inbox(page(&[1, 2, 3], false, Some(false)));
         assert_eq!(delivered(&out), vec![2], "1 and 3 were written already");
         assert_eq!(conn.take_duplicates(), 2);
@@ -783,7 +790,11 @@ mod tests {
             assert!(conn.on_live(answer(ms)).is_empty());
         }
         let out = conn.on_inbox(page(&[1], false, None));
-        assert_eq!(reads(&out), vec![(id(1), false, 0)], "read again after the overflow");
+        assert_eq!(
+            reads(&out),
+            vec![(id(1), false, 0)],
+            "read again after the overflow"
+        );
         let out = conn.on_inbox(page(&[2, 3, 4, 5], false, None));
         assert_eq!(delivered(&out), vec![2, 3, 4, 5]);
     }
@@ -800,11 +811,24 @@ mod tests {
         let resume = r#"{"type":"resume","after":"1-0"}"#;
         let _ = conn.on_text(resume, 0);
         for _ in 1..limits().resume_burst {
-            assert!(conn.on_text(resume, 0).is_empty(), "coalesced into the running replay");
+            assert!(
+                conn.on_text(resume, 0).is_empty(),
+                "coalesced into the running replay"
+            );
         }
         let refused = conn.on_text(resume, 0);
         assert!(
-            matches!(&refused[..], [Action::Refuse(ServerFrame::Error { code: ErrorCode::RateLimited, retry_after_ms: Some(_), .. }, Refusal::TooManyResumes)]),
+            matches!(
+                &refused[..],
+                [Action::Refuse(
+                    ServerFrame::Error {
+                        code: ErrorCode::RateLimited,
+                        retry_after_ms: Some(_),
+                        ..
+                    },
+                    Refusal::TooManyResumes
+                )]
+            ),
             "{refused:?}"
         );
         // The coalesced resumes finish the replay; a second later one more is allowed.
@@ -828,7 +852,10 @@ mod tests {
             }]
         );
         let out = conn.on_text(r#"{"type":"message","content":"hi","id":"b"}"#, 0);
-        assert!(matches!(&out[..], [Action::Refuse(_, Refusal::TooManyInFlight)]));
+        assert!(matches!(
+            &out[..],
+            [Action::Refuse(_, Refusal::TooManyInFlight)]
+        ));
         assert_eq!(conn.in_flight(), 1);
         let out = conn.on_published(
             "a".into(),
@@ -844,24 +871,30 @@ mod tests {
             })]
         );
         assert_eq!(conn.in_flight(), 0);
-        let out = conn.on_text(
-            r#"{"type":"message","content":"hi","userid":"mallory"}"#,
-            0,
-        );
+        let out = conn.on_text(r#"{"type":"message","content":"hi","userid":"mallory"}"#, 0);
         assert!(matches!(&out[..], [Action::Refuse(_, Refusal::Invalid)]));
     }
 
     #[test]
     fn bad_frames_get_errors_and_pings_get_pongs() {
         let (mut conn, _) = open(0, None);
-        assert!(matches!(&conn.on_text("{", 0)[..], [Action::Refuse(_, Refusal::Invalid)]));
+        assert!(matches!(
+            &conn.on_text("{", 0)[..],
+            [Action::Refuse(_, Refusal::Invalid)]
+        ));
         let big = format!(r#"{{"type":"message","content":"{}"}}"#, "x".repeat(20_000));
-        assert!(matches!(&conn.on_text(&big, 0)[..], [Action::Refuse(_, Refusal::TooLarge)]));
+        assert!(matches!(
+            &conn.on_text(&big, 0)[..],
+            [Action::Refuse(_, Refusal::TooLarge)]
+        ));
         assert_eq!(
             conn.on_text(r#"{"type":"ping"}"#, 0),
             vec![Action::Write(ServerFrame::Pong)]
         );
-        assert!(matches!(&conn.on_binary(0)[..], [Action::Refuse(_, Refusal::Invalid)]));
+        assert!(matches!(
+            &conn.on_binary(0)[..],
+            [Action::Refuse(_, Refusal::Invalid)]
+        ));
     }
 
     #[test]
@@ -1056,15 +1089,21 @@ mod tests {
     fn event() -> impl Strategy<Value = Event> {
         let frame = prop_oneof![
             "\\PC{0,80}",
-            (0u64..40, 0u64..3).prop_map(|(ms, seq)| format!(r#"{{"type":"resume","after":"{ms}-{seq}"}}"#)),
-            "\\PC{0,20}".prop_map(|c| serde_json::json!({"type":"message","content":c}).to_string()),
+            (0u64..40, 0u64..3)
+                .prop_map(|(ms, seq)| format!(r#"{{"type":"resume","after":"{ms}-{seq}"}}"#)),
+            "\\PC{0,20}"
+                .prop_map(|c| serde_json::json!({"type":"message","content":c}).to_string()),
             Just(r#"{"type":"ping"}"#.to_owned()),
         ];
         prop_oneof![
             frame.prop_map(Event::Text),
             (0u64..40).prop_map(Event::Live),
             Just(Event::Gap),
-            (proptest::collection::vec(0u64..40, 0..6), any::<bool>(), proptest::option::of(any::<bool>()))
+            (
+                proptest::collection::vec(0u64..40, 0..6),
+                any::<bool>(),
+                proptest::option::of(any::<bool>())
+            )
                 .prop_map(|(ids, more, trimmed)| Event::Page(ids, more, trimmed)),
             Just(Event::ReadFailed),
             (0u64..100_000).prop_map(Event::Tick),

@@ -66,7 +66,9 @@ impl Application {
         } = settings;
         gateway.validate()?;
         if gateway.dev {
-            tracing::warn!("dev mode (COLLOQUY_DEV=1 / --dev): built-in secret, open POST /token and localhost origins are allowed");
+            tracing::warn!(
+                "dev mode (COLLOQUY_DEV=1 / --dev): built-in secret, open POST /token and localhost origins are allowed"
+            );
         }
         colloquy_core::metrics::record_build_info("gateway");
         if let Err(e) = colloquy_core::kafka::ensure_topics(&kafka, &names.all_topics()).await {

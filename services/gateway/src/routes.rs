@@ -60,9 +60,8 @@ async fn issue_token(
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let allowed = presented.is_some_and(|p| {
-            constant_time_eq(p.as_bytes(), admin.expose_secret().as_bytes())
-        });
+        let allowed = presented
+            .is_some_and(|p| constant_time_eq(p.as_bytes(), admin.expose_secret().as_bytes()));
         if !allowed {
             return json_error(
                 StatusCode::UNAUTHORIZED,
@@ -111,15 +110,13 @@ async fn websocket(
         .write_buffer_size(0);
     // Refusals are sent as close frames after the upgrade, because a browser cannot read an HTTP status.
     match admit(&state, &params, &headers) {
-        Ok(accepted) => {
-            ws.on_upgrade(move |socket| {
-                let sessions = state.sessions.clone();
-                sessions.track_future(async move {
-                    let (sink, stream) = socket.split();
-                    session::run(sink, stream, state, accepted).await;
-                })
+        Ok(accepted) => ws.on_upgrade(move |socket| {
+            let sessions = state.sessions.clone();
+            sessions.track_future(async move {
+                let (sink, stream) = socket.split();
+                session::run(sink, stream, state, accepted).await;
             })
-        }
+        }),
         Err(reason) => {
             let label = if reason == "origin not allowed" {
                 "origin"
@@ -383,14 +380,16 @@ mod tests {
         cfg.dev = false;
         cfg.allowed_origins = vec!["https://chat.example.com".into()];
         let host = "gw.example.com";
-        let allowed = |o: Option<&str>, cfg: &GatewayConfig| {
-            origin_allowed(cfg, &origin_headers(o, host))
-        };
+        let allowed =
+            |o: Option<&str>, cfg: &GatewayConfig| origin_allowed(cfg, &origin_headers(o, host));
         assert!(allowed(None, &cfg), "no Origin: not a browser");
         assert!(allowed(Some("https://chat.example.com"), &cfg));
         assert!(allowed(Some("https://gw.example.com"), &cfg), "same origin");
         assert!(!allowed(Some("https://evil.example"), &cfg));
-        assert!(!allowed(Some("http://localhost:3000"), &cfg), "localhost only in dev");
+        assert!(
+            !allowed(Some("http://localhost:3000"), &cfg),
+            "localhost only in dev"
+        );
         assert!(!allowed(Some("null"), &cfg));
         cfg.dev = true;
         assert!(allowed(Some("http://localhost:3000"), &cfg));

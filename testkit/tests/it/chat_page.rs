@@ -261,8 +261,15 @@ async fn reconnect(
 ) -> anyhow::Result<()> {
     page.goto(&format!("{}/?userid={user}", app.http_base(0)))
         .await?;
-    let status = |s: &str| format!("document.getElementById('status').textContent === {}", js_str(s));
-    page.wait_for(&status("connected"), T).await.context("connect")?;
+    let status = |s: &str| {
+        format!(
+            "document.getElementById('status').textContent === {}",
+            js_str(s)
+        )
+    };
+    page.wait_for(&status("connected"), T)
+        .await
+        .context("connect")?;
     let mut stored = 0;
     if answered_before {
         ask(page, "first question").await?;
@@ -279,18 +286,26 @@ async fn reconnect(
     )
     .await
     .context("the second question is acked")?;
-    page.eval("document.getElementById('disconnect').click()").await?;
-    page.wait_for(&status("disconnected"), T).await.context("disconnect")?;
+    page.eval("document.getElementById('disconnect').click()")
+        .await?;
+    page.wait_for(&status("disconnected"), T)
+        .await
+        .context("disconnect")?;
     app.start_relay().await?;
     inbox_holds(app, user, stored + 1).await?;
     ensure!(
-        page.eval(&format!("!!document.querySelector('.answer.done[data-msg-id=\"{id}\"]')"))
-            .await?
+        page.eval(&format!(
+            "!!document.querySelector('.answer.done[data-msg-id=\"{id}\"]')"
+        ))
+        .await?
             == Value::Bool(false),
         "the answer showed while disconnected"
     );
-    page.eval("document.getElementById('connect').click()").await?;
-    page.wait_for(&status("connected"), T).await.context("reconnect")?;
+    page.eval("document.getElementById('connect').click()")
+        .await?;
+    page.wait_for(&status("connected"), T)
+        .await
+        .context("reconnect")?;
     let text = answer_shown(page, "second question").await?;
     ensure!(text.starts_with("echo: second question"), "{text:?}");
     Ok(())
