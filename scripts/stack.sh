@@ -210,8 +210,11 @@ cmd_up() {
     log "OPENAI_API_KEY is set: using ${OPENAI_BASE_URL:-the default OpenAI endpoint}"
   fi
 
-  start gateway-1 "$RUN/services" "${svc_env[@]}" GATEWAY_LISTEN=127.0.0.1:8001 GATEWAY_INSTANCE_ID=gw1 -- "$BIN/colloquy-gateway"
-  start gateway-2 "$RUN/services" "${svc_env[@]}" GATEWAY_LISTEN=127.0.0.1:8002 GATEWAY_INSTANCE_ID=gw2 -- "$BIN/colloquy-gateway"
+  # Dev mode: the gateways accept the built-in AUTH_SECRET, issue tokens without an admin
+  # token and allow localhost origins. A production gateway refuses to start like this.
+  log "DEV MODE: gateways run with COLLOQUY_DEV=1 (built-in AUTH_SECRET, open POST /token); never expose this stack"
+  start gateway-1 "$RUN/services" "${svc_env[@]}" COLLOQUY_DEV=1 GATEWAY_LISTEN=127.0.0.1:8001 GATEWAY_INSTANCE_ID=gw1 -- "$BIN/colloquy-gateway"
+  start gateway-2 "$RUN/services" "${svc_env[@]}" COLLOQUY_DEV=1 GATEWAY_LISTEN=127.0.0.1:8002 GATEWAY_INSTANCE_ID=gw2 -- "$BIN/colloquy-gateway"
   start ai-consumer "$RUN/services" "${svc_env[@]}" METRICS_LISTEN=127.0.0.1:9101 KAFKA_GROUP_INSTANCE_ID=ai-consumer-1 -- "$BIN/colloquy-ai-consumer"
   start relay "$RUN/services" "${svc_env[@]}" METRICS_LISTEN=127.0.0.1:9102 KAFKA_GROUP_INSTANCE_ID=relay-1 -- "$BIN/colloquy-relay"
   wait_for gateway-1 60 curl -fsS http://127.0.0.1:8001/ready
@@ -241,7 +244,7 @@ cmd_up() {
 
   cat <<MSG
 
-Colloquy is up.
+Colloquy is up, in DEV MODE (COLLOQUY_DEV=1: built-in AUTH_SECRET, open POST /token).
   chat page        http://127.0.0.1:8080/            (WebSocket: ws://127.0.0.1:8080/ws)
   gateways         http://127.0.0.1:8001/  http://127.0.0.1:8002/   (/health /ready /metrics)
   metrics          http://127.0.0.1:8001/metrics  http://127.0.0.1:8002/metrics

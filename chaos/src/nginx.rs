@@ -1,82 +1,115 @@
-//! The nginx edge of a chaos stack: `infra/nginx.conf`'s proxying rules (least_conn over the
-//! gateways, WebSocket upgrade, next upstream on a refused connection) on the stack's own ports,
-//! with every path inside the stack's directory.
+//! The nginx edge of a chaos stack: `infra/nginx.conf` itself, rendered on the stack's ports.
+//!
+//! There is one edge configuration. This renderer replaces its `listen` line and its two
+//! upstream `server` lines (the tokens below) and keeps everything else, so every edge rule
+//! (limits, hidden internal endpoints, logs without query strings, timeouts) is the one the
+//! local stack and production run. Paths in the file are relative to nginx's prefix: the stack
+//! directory, which must hold `logs/`, `pids/` and `nginx/` ([`PREFIX_DIRS`]).
 
-/// The configuration for an nginx listening on `port` in front of `gateways`.
+/// The edge configuration, as committed.
+pub const TEMPLATE: &str = include_str!("../../infra/nginx.conf");
+
+/// Directories nginx expects under its prefix.
+pub const PREFIX_DIRS: [&str; 3] = ["logs", "pids", "nginx"];
+
+const LISTEN: &str = "listen       127.0.0.1:8080;";
+const UPSTREAMS: [&str; 2] = [
+    "server 127.0.0.1:8001 max_fails=1 fail_timeout=2s;",
+    "server 127.0.0.1:8002 max_fails=1 fail_timeout=2s;",
+];
+
+/// Why the template could not be rendered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RenderError {
+    MissingToken(&'static str),
+    NoGateways,
+}
+
+impl std::fmt::Display for RenderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::MissingToken(t) => {
+                write!(
+                    f,
+                    "infra/nginx.conf lost the line `{t}` that the renderer replaces"
+                )
+            }
+            Self::NoGateways => f.write_str("an edge needs at least one gateway"),
+        }
+    }
+}
+
+impl std::error::Error for RenderError {}
+
+/// `infra/nginx.conf` with nginx listening on `port` in front of `gateways`.
+///
+/// # Errors
+/// When the template no longer holds a line it must replace, or `gateways` is empty.
+pub fn render(port: u16, gateways: &[u16]) -> Result<String, RenderError> {
+    if gateways.is_empty() {
+        return Err(RenderError::NoGateways);
+    }
+    for token in std::iter::once(LISTEN).chain(UPSTREAMS) {
+        if !TEMPLATE.contains(token) {
+            return Err(RenderError::MissingToken(token));
+        }
+    }
+    let indent = "\n        ";
+    let servers = gateways
+        .iter()
+        .map(|p| format!("server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;"))
+        .collect::<Vec<_>>()
+        .join(indent);
+    Ok(TEMPLATE
+        .replace(LISTEN, &format!("listen       127.0.0.1:{port};"))
+        .replace(
+            &format!("{}{indent}{}", UPSTREAMS[0], UPSTREAMS[1]),
+            &servers,
+        ))
+}
+
+/// [`render`] for a stack that always has gateways.
+///
+/// # Panics
+/// Never for the committed template and a non-empty `gateways` (a unit test renders it).
 #[must_use]
 pub fn config(port: u16, gateways: &[u16]) -> String {
-    let servers: String = gateways
-        .iter()
-        .map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;\n"))
-        .collect();
-    format!(
-        r#"# Written by colloquy-chaos; the proxying rules of infra/nginx.conf on this stack's ports.
-worker_processes  1;
-pid               nginx/nginx.pid;
-error_log         nginx/error.log warn;
-
-events {{
-    worker_connections  4096;
-}}
-
-http {{
-    access_log  nginx/access.log;
-
-    client_body_temp_path  nginx/temp-client-body;
-    proxy_temp_path        nginx/temp-proxy;
-    fastcgi_temp_path      nginx/temp-fastcgi;
-    uwsgi_temp_path        nginx/temp-uwsgi;
-    scgi_temp_path         nginx/temp-scgi;
-
-    tcp_nodelay        on;
-    keepalive_timeout  65s;
-
-    map $http_upgrade $connection_upgrade {{
-        default  upgrade;
-        ''       '';
-    }}
-
-    upstream colloquy_gateways {{
-        least_conn;
-{servers}        keepalive 32;
-    }}
-
-    server {{
-        listen  127.0.0.1:{port};
-
-        proxy_http_version     1.1;
-        proxy_connect_timeout  2s;
-        proxy_set_header       Host $host;
-        proxy_next_upstream    error timeout http_502 http_503;
-        proxy_next_upstream_tries 2;
-
-        location /ws {{
-            proxy_pass          http://colloquy_gateways;
-            proxy_set_header    Upgrade    $http_upgrade;
-            proxy_set_header    Connection $connection_upgrade;
-            proxy_buffering     off;
-            proxy_read_timeout  3600s;
-            proxy_send_timeout  3600s;
-        }}
-
-        location / {{
-            proxy_pass          http://colloquy_gateways;
-            proxy_set_header    Connection "";
-            proxy_read_timeout  60s;
-        }}
-    }}
-}}
-"#
-    )
+    render(port, gateways).unwrap_or_else(|e| panic!("cannot render the edge: {e}"))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn lists_every_gateway_and_listens_on_the_port() {
-        let conf = super::config(18080, &[18001, 18002]);
-        assert!(conf.contains("listen  127.0.0.1:18080;"));
-        assert!(conf.contains("server 127.0.0.1:18001 max_fails=1"));
-        assert!(conf.contains("server 127.0.0.1:18002 max_fails=1"));
+        let conf = render(18080, &[18001, 18002, 18003]).unwrap();
+        assert!(conf.contains("listen       127.0.0.1:18080;"));
+        for p in [18001, 18002, 18003] {
+            assert!(
+                conf.contains(&format!("server 127.0.0.1:{p} max_fails=1")),
+                "{p}"
+            );
+        }
+        assert!(!conf.contains("127.0.0.1:8080;") && !conf.contains("127.0.0.1:8001"));
+    }
+
+    #[test]
+    fn keeps_the_edge_rules() {
+        let conf = config(18080, &[18001]);
+        for rule in [
+            "limit_req ",
+            "limit_conn ",
+            "return 404;",
+            "$request_method $uri",
+        ] {
+            assert!(conf.contains(rule), "{rule}");
+        }
+        assert!(!conf.contains("\"$request\""), "no query strings in logs");
+    }
+
+    #[test]
+    fn refuses_no_gateways() {
+        assert_eq!(render(1, &[]), Err(RenderError::NoGateways));
     }
 }

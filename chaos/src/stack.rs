@@ -400,6 +400,8 @@ impl Stack {
                 env("GATEWAY_LISTEN", &format!("127.0.0.1:{port}")),
                 env("GATEWAY_INSTANCE_ID", &format!("gw{}", n + 1)),
                 env("RATE_LIMIT_MESSAGES", "1000000"),
+                // A throwaway stack: the built-in secret and an open POST /token are fine.
+                env("COLLOQUY_DEV", "1"),
             ]);
             self.procs.insert(c, gw);
         }
@@ -457,7 +459,9 @@ impl Stack {
                 Some(nginx) => {
                     let port = listen_port()?;
                     self.nginx_port = Some(port);
-                    std::fs::create_dir_all(dir.join("nginx"))?;
+                    for sub in crate::nginx::PREFIX_DIRS {
+                        std::fs::create_dir_all(dir.join(sub))?;
+                    }
                     let conf = dir.join("nginx").join("nginx.conf");
                     std::fs::write(&conf, crate::nginx::config(port, &self.gateway_ports))?;
                     let (prefix, conf, error_log) = (

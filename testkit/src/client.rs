@@ -1,4 +1,8 @@
 //! A typed WebSocket client for tests and the load generator.
+//!
+//! It reads every server frame, including `welcome` (the stream position at connect, kept as
+//! [`WsClient::welcome_position`]) and `resumed`; callers that only care about answers wait for
+//! them with [`WsClient::recv_until`] or [`WsClient::response_to`] and skip the rest.
 
 use std::time::Duration;
 
@@ -10,6 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use colloquy_core::wire::{ClientFrame, ServerFrame};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// What the server sent: a frame, or the close (code and reason).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +51,7 @@ pub async fn fetch_token(http: &reqwest::Client, base: &str, user: &str) -> anyh
 #[derive(Debug)]
 pub struct WsClient {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    welcome: Option<String>,
 }
 
 impl WsClient {
@@ -59,17 +65,69 @@ impl WsClient {
         token: &str,
         after: Option<&str>,
     ) -> anyhow::Result<Self> {
+        Self::connect_with_origin(ws_base, user, token, after, None).await
+    }
+
+    /// Like [`WsClient::connect`], sending an `Origin` header as a browser would.
+    ///
+    /// # Errors
+    /// When the upgrade fails.
+    pub async fn connect_with_origin(
+        ws_base: &str,
+        user: &str,
+        token: &str,
+        after: Option<&str>,
+        origin: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let mut url = format!("{ws_base}/ws?userid={user}&token={token}");
         if let Some(a) = after {
             url.push_str(&format!("&after={a}"));
         }
+        let mut request = url.into_client_request()?;
+        if let Some(origin) = origin {
+            request.headers_mut().insert("origin", origin.parse()?);
+        }
         let (ws, _) = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::connect_async(url),
+            tokio_tungstenite::connect_async(request),
         )
         .await
         .context("WebSocket connect timed out")??;
-        Ok(Self { ws })
+        Ok(Self { ws, welcome: None })
+    }
+
+    /// The stream position from the `welcome` frame, once it was received.
+    #[must_use]
+    pub fn welcome_position(&self) -> Option<&str> {
+        self.welcome.as_deref()
+    }
+
+    /// Waits for the `welcome` frame and returns its position.
+    ///
+    /// # Errors
+    /// On timeout or close.
+    pub async fn welcome(&mut self, timeout: Duration) -> anyhow::Result<String> {
+        if let Some(p) = &self.welcome {
+            return Ok(p.clone());
+        }
+        match self
+            .recv_until(timeout, |f| matches!(f, ServerFrame::Welcome { .. }))
+            .await?
+        {
+            ServerFrame::Welcome { position } => Ok(position),
+            other => bail!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// Sends `resume` with a cursor.
+    ///
+    /// # Errors
+    /// When the socket is closed.
+    pub async fn resume(&mut self, after: &str) -> anyhow::Result<()> {
+        self.send(&ClientFrame::Resume {
+            after: after.into(),
+        })
+        .await
     }
 
     /// Sends a client frame.
@@ -137,6 +195,9 @@ impl WsClient {
                 Some(Ok(Message::Text(t))) => {
                     let frame: ServerFrame = serde_json::from_str(t.as_str())
                         .with_context(|| format!("unreadable frame {t}"))?;
+                    if let ServerFrame::Welcome { position } = &frame {
+                        self.welcome = Some(position.clone());
+                    }
                     return Ok(Received::Frame(frame));
                 }
                 Some(Ok(Message::Close(c))) => {

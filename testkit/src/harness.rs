@@ -331,6 +331,14 @@ impl TestApp {
         Ok(())
     }
 
+    /// Stops the relay gracefully: answers then wait in `responses` (acked messages are not
+    /// lost) until [`TestApp::start_relay`] runs it again.
+    pub async fn stop_relay(&mut self) {
+        if let Some(r) = self.relay.take() {
+            r.stop().await;
+        }
+    }
+
     /// Waits until gateway `i` reports ready.
     ///
     /// # Errors

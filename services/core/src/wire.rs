@@ -143,6 +143,16 @@ impl ErrorCode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
+    /// Sent right after the upgrade: the user's current stream position (the last event id in
+    /// the inbox, `0-0` when it is empty), so a client holds a cursor from its first moment.
+    Welcome {
+        position: String,
+    },
+    /// Sent after a replay asked for by `resume` or `?after=`: `recovered` is false when the
+    /// cursor was older than what the inbox still holds (trimmed or expired).
+    Resumed {
+        recovered: bool,
+    },
     /// The message is durably in Kafka.
     Ack {
         id: String,
@@ -271,6 +281,13 @@ mod tests {
         }
         .to_json();
         assert_eq!(json, r#"{"type":"ack","id":"m","trace_id":"t"}"#);
+        let welcome = ServerFrame::Welcome {
+            position: "0-0".into(),
+        }
+        .to_json();
+        assert_eq!(welcome, r#"{"type":"welcome","position":"0-0"}"#);
+        let resumed = ServerFrame::Resumed { recovered: false }.to_json();
+        assert_eq!(resumed, r#"{"type":"resumed","recovered":false}"#);
         let err = ServerFrame::error(ErrorCode::RateLimited, "slow down").to_json();
         assert_eq!(
             err,

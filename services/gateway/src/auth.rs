@@ -1,5 +1,6 @@
-//! Tokens: HS256 JWTs (`sub` = userid, `iat`, `exp`) signed with a secret shared by every
-//! gateway, so any instance verifies any token without a Redis round trip.
+//! Tokens: HS256 JWTs (`sub` = userid, `iat`, `exp`, `iss`, `aud`) signed with a secret shared
+//! by every gateway, so any instance verifies any token without a Redis round trip; and the
+//! constant-time comparison of the admin bearer token.
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, encode};
 use secrecy::{ExposeSecret, SecretString};
@@ -7,11 +8,18 @@ use serde::{Deserialize, Serialize};
 
 use colloquy_core::UserId;
 
+/// The `iss` claim of every token a gateway issues, and the only one it accepts.
+pub const ISSUER: &str = "colloquy-gateway";
+/// The `aud` claim: tokens are for Colloquy's WebSocket.
+pub const AUDIENCE: &str = "colloquy-ws";
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     sub: String,
     iat: u64,
     exp: u64,
+    iss: String,
+    aud: String,
 }
 
 /// Why a token was refused. The message is sent as the WebSocket close reason.
@@ -50,7 +58,9 @@ impl TokenService {
         let bytes = secret.expose_secret().as_bytes();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
-        validation.set_required_spec_claims(&["exp", "sub", "iat"]);
+        validation.set_required_spec_claims(&["exp", "sub", "iat", "iss", "aud"]);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_audience(&[AUDIENCE]);
         Self {
             encoding: EncodingKey::from_secret(bytes),
             decoding: DecodingKey::from_secret(bytes),
@@ -88,15 +98,18 @@ impl TokenService {
             sub: user.to_string(),
             iat,
             exp,
+            iss: ISSUER.to_owned(),
+            aud: AUDIENCE.to_owned(),
         };
         encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
     }
 
-    /// Checks that `token` is ours, unexpired, and issued to `user`.
+    /// Checks that `token` is ours (signature, issuer, audience), unexpired, and issued to
+    /// `user`; returns its expiry (seconds since the epoch).
     ///
     /// # Errors
     /// The [`AuthError`] to report to the client.
-    pub fn verify(&self, token: Option<&str>, user: &UserId) -> Result<(), AuthError> {
+    pub fn verify(&self, token: Option<&str>, user: &UserId) -> Result<u64, AuthError> {
         let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
         let data =
             decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
@@ -106,11 +119,25 @@ impl TokenService {
                 }
             })?;
         if data.claims.sub == user.as_str() {
-            Ok(())
+            Ok(data.claims.exp)
         } else {
             Err(AuthError::WrongUser)
         }
     }
+}
+
+/// Whether `presented` equals `expected`, in time that depends only on their lengths (so
+/// the admin token cannot be guessed byte by byte from response times).
+#[must_use]
+pub fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
+    if presented.len() != expected.len() {
+        return false;
+    }
+    let diff = presented
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    std::hint::black_box(diff) == 0
 }
 
 fn now_secs() -> u64 {
@@ -133,7 +160,8 @@ mod tests {
         let alice = UserId::parse("alice").unwrap();
         let bob = UserId::parse("bob").unwrap();
         let t = s.issue(&alice).unwrap();
-        assert_eq!(s.verify(Some(&t), &alice), Ok(()));
+        let exp = s.verify(Some(&t), &alice).unwrap();
+        assert!(exp >= now_secs() + 59 && exp <= now_secs() + 61, "{exp}");
         assert_eq!(s.verify(Some(&t), &bob), Err(AuthError::WrongUser));
     }
 
@@ -150,6 +178,44 @@ mod tests {
         assert_eq!(s.verify(Some(&expired), &alice), Err(AuthError::Expired));
         assert_eq!(s.verify(None, &alice), Err(AuthError::Missing));
         assert_eq!(s.verify(Some("a.b.c"), &alice), Err(AuthError::Invalid));
+    }
+
+    #[test]
+    fn a_foreign_issuer_or_audience_is_refused() {
+        let alice = UserId::parse("alice").unwrap();
+        let key = EncodingKey::from_secret(b"k");
+        let now = now_secs();
+        for (iss, aud) in [("someone-else", AUDIENCE), (ISSUER, "another-api")] {
+            let claims = Claims {
+                sub: "alice".into(),
+                iat: now,
+                exp: now + 60,
+                iss: iss.into(),
+                aud: aud.into(),
+            };
+            let token = encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+            assert_eq!(
+                svc("k").verify(Some(&token), &alice),
+                Err(AuthError::Invalid),
+                "iss {iss}, aud {aud}"
+            );
+        }
+        // Without the two claims at all (a token of the previous format).
+        let old = serde_json::json!({"sub": "alice", "iat": now, "exp": now + 60});
+        let token = encode(&Header::new(Algorithm::HS256), &old, &key).unwrap();
+        assert_eq!(
+            svc("k").verify(Some(&token), &alice),
+            Err(AuthError::Invalid)
+        );
+    }
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+        assert!(!constant_time_eq(b"s3cre", b"s3cret"));
+        assert!(!constant_time_eq(b"", b"s3cret"));
+        assert!(constant_time_eq(b"", b""));
     }
 
     #[test]

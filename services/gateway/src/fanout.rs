@@ -4,62 +4,67 @@
 //! user with a socket here: subscribed on the user's first socket, unsubscribed after the
 //! last. Subscribe and unsubscribe commands go through one task, in order, so a user who
 //! disconnects and reconnects at once never ends up unsubscribed. Whenever a connection may
-//! have missed something (Redis reconnect, a lagging channel) it is told to resync, and
-//! replays from the durable inbox stream.
+//! have missed something (Redis reconnect, a lagging channel) it stops taking live deliveries
+//! at once and is told to resync, and replays from the durable inbox stream. After a Redis
+//! reconnect the same task re-subscribes every channel first and only then asks for the
+//! replays, so no replay runs before its subscription is live.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use colloquy_core::backoff::Backoff;
 use colloquy_core::names::Names;
 use colloquy_core::records::Delivery;
-use colloquy_core::wire::{EventId, ServerFrame};
 use colloquy_core::{UserId, metrics as m};
 
-/// What a session's writer receives.
-#[derive(Debug)]
-pub enum Outbound {
-    /// A frame produced by this session (ack, error, pong).
-    Frame(ServerFrame),
-    /// A delivery published on the user's channel.
-    Live(Arc<Delivery>),
-    /// The result of reading the inbox after a cursor; `more` when the page was full.
-    Replayed {
-        deliveries: Vec<Delivery>,
-        more: bool,
-    },
-    /// Reading the inbox failed; the session retries.
-    ReplayFailed,
-}
+use crate::session::Outbound;
 
 /// A signal that a connection may have missed deliveries and must replay.
+///
+/// Two steps: [`Resync::mark_gap`] stops live deliveries to the connection at once (a later
+/// event written before the replay would move its cursor past a missed one), and
+/// [`Resync::request`] tells the session to replay, which may come later (after the
+/// subscription is live again).
 #[derive(Debug, Default)]
 pub struct Resync {
-    pending: AtomicBool,
+    gap: AtomicBool,
+    requested: AtomicBool,
     notify: Notify,
 }
 
 impl Resync {
+    /// The connection may have missed deliveries: take no live ones until it replays.
+    pub fn mark_gap(&self) {
+        self.gap.store(true, Ordering::Release);
+    }
+
+    /// Marks the gap and asks the session to replay.
     pub fn request(&self) {
-        self.pending.store(true, Ordering::Release);
+        self.gap.store(true, Ordering::Release);
+        self.requested.store(true, Ordering::Release);
         self.notify.notify_one();
     }
 
-    /// Whether a resync was requested and not yet picked up by the session.
+    /// Whether the connection is in a gap that its replay has not yet taken over.
     #[must_use]
-    pub fn is_pending(&self) -> bool {
-        self.pending.load(Ordering::Acquire)
+    pub fn in_gap(&self) -> bool {
+        self.gap.load(Ordering::Acquire)
     }
 
-    /// Waits until a resync is requested and clears the request.
+    /// Waits until a replay is requested, then clears the request and the gap: the session
+    /// starts its replay at once and holds live deliveries from then on.
     pub async fn requested(&self) {
         loop {
-            if self.pending.swap(false, Ordering::AcqRel) {
+            if self.requested.swap(false, Ordering::AcqRel) {
+                self.gap.store(false, Ordering::Release);
                 return;
             }
             self.notify.notified().await;
@@ -87,11 +92,14 @@ pub enum RegisterError {
 enum SubCmd {
     Subscribe(UserId, oneshot::Sender<Result<(), String>>),
     Unsubscribe(UserId),
+    /// The subscriber reconnected: subscribe every channel again, then resync every connection.
+    Resubscribe,
 }
 
 /// The registry of local connections and the subscriber behind it.
 pub struct Fanout {
     names: Names,
+    subscriber: SubscriberClient,
     max_per_user: usize,
     users: Mutex<HashMap<UserId, Vec<ConnHandle>>>,
     commands: mpsc::UnboundedSender<SubCmd>,
@@ -115,6 +123,7 @@ impl Fanout {
         let (commands, rx) = mpsc::unbounded_channel();
         let fanout = Arc::new(Self {
             names,
+            subscriber: subscriber.clone(),
             max_per_user,
             users: Mutex::new(HashMap::new()),
             commands,
@@ -135,11 +144,15 @@ impl Fanout {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Registers a connection and waits until its user's channel is subscribed.
+    /// Registers a connection and waits until its user's channel is subscribed. Fails at
+    /// once while the subscriber is disconnected, instead of queueing behind Redis timeouts.
     ///
     /// # Errors
     /// [`RegisterError`] when the user has too many sockets or Redis cannot subscribe.
     pub async fn register(&self, user: &UserId, handle: ConnHandle) -> Result<(), RegisterError> {
+        if !self.subscriber.is_connected() {
+            return Err(RegisterError::Subscribe("not connected".into()));
+        }
         let id = handle.id;
         {
             let mut users = self.users();
@@ -188,12 +201,6 @@ impl Fanout {
         self.users().contains_key(user)
     }
 
-    /// Number of open connections this gateway holds.
-    #[must_use]
-    pub fn connection_count(&self) -> usize {
-        self.users().values().map(Vec::len).sum()
-    }
-
     /// Hands a published delivery to every socket of its user.
     pub fn dispatch(&self, delivery: Delivery) {
         let delivery = Arc::new(delivery);
@@ -204,7 +211,7 @@ impl Fanout {
         for conn in conns {
             // A connection that dropped a delivery must not take later ones before its replay
             // starts: writing a later event first would move its cursor past the dropped one.
-            if conn.resync.is_pending() {
+            if conn.resync.in_gap() {
                 continue;
             }
             match conn.tx.try_send(Outbound::Live(Arc::clone(&delivery))) {
@@ -212,6 +219,15 @@ impl Fanout {
                 // A slow socket: everything durable is in the inbox, so replay later instead of buffering without bound.
                 Err(mpsc::error::TrySendError::Full(_)) => conn.resync.request(),
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+    }
+
+    /// Stops live deliveries to every connection until it replays (a gap began).
+    pub fn mark_gap_all(&self) {
+        for conns in self.users().values() {
+            for c in conns {
+                c.resync.mark_gap();
             }
         }
     }
@@ -244,6 +260,10 @@ async fn manage_subscriptions(
                     let _ = reply.send(Ok(()));
                     continue;
                 }
+                if !subscriber.is_connected() {
+                    let _ = reply.send(Err("not connected".into()));
+                    continue;
+                }
                 let channel = fanout.names.user_channel(&user);
                 match subscriber.subscribe(channel).await {
                     Ok(()) => {
@@ -269,6 +289,43 @@ async fn manage_subscriptions(
                     tracing::warn!(userid = %user, error = %e, "unsubscribe failed");
                 }
             }
+            SubCmd::Resubscribe => {
+                if resubscribe(&subscriber, &shutdown).await {
+                    fanout.resync_all();
+                }
+            }
+        }
+    }
+}
+
+/// Subscribes every tracked channel again, retrying with jittered, capped backoff; `false`
+/// when shutdown came first.
+async fn resubscribe(subscriber: &SubscriberClient, shutdown: &CancellationToken) -> bool {
+    let backoff = Backoff {
+        base: Duration::from_millis(100),
+        cap: Duration::from_secs(5),
+        max_attempts: u32::MAX,
+    };
+    if subscriber.tracked_channels().is_empty() {
+        return true;
+    }
+    let mut attempts = 0u32;
+    loop {
+        attempts = attempts.saturating_add(1);
+        match subscriber.resubscribe_all().await {
+            Ok(()) => return true,
+            Err(e) => {
+                metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "subscribe")
+                    .increment(1);
+                tracing::warn!(error = %e, attempts, "re-subscribe after reconnect failed; retrying");
+            }
+        }
+        let delay = backoff
+            .delay(attempts, None, &mut rand::rng())
+            .unwrap_or(backoff.cap);
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(delay) => {}
         }
     }
 }
@@ -277,8 +334,18 @@ async fn listen(fanout: Arc<Fanout>, subscriber: SubscriberClient, shutdown: Can
     let mut messages = subscriber.message_rx();
     let mut reconnects = subscriber.reconnect_rx();
     loop {
+        // Biased, reconnects first: every message of a new connection comes after its reconnect
+        // event, so the gap is marked before any later delivery is dispatched.
         tokio::select! {
+            biased;
             () = shutdown.cancelled() => return,
+            server = reconnects.recv() => {
+                if let Ok(server) = server {
+                    tracing::info!(%server, "Redis subscriber reconnected; re-subscribing, then every connection replays");
+                    fanout.mark_gap_all();
+                    let _ = fanout.commands.send(SubCmd::Resubscribe);
+                }
+            }
             msg = messages.recv() => match msg {
                 Ok(msg) => {
                     let Some(payload) = msg.value.as_str() else { continue };
@@ -297,44 +364,6 @@ async fn listen(fanout: Arc<Fanout>, subscriber: SubscriberClient, shutdown: Can
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
-            server = reconnects.recv() => {
-                if let Ok(server) = server {
-                    tracing::info!(%server, "Redis subscriber reconnected; every connection replays");
-                    fanout.resync_all();
-                }
-            }
         }
     }
-}
-
-/// Reads up to `limit` deliveries after `after` (exclusive) from a user's inbox.
-///
-/// # Errors
-/// When Redis fails.
-pub async fn read_inbox(
-    redis: &Pool,
-    names: &Names,
-    user: &UserId,
-    after: EventId,
-    limit: u64,
-) -> Result<Vec<Delivery>, fred::error::Error> {
-    let entries: Vec<(String, HashMap<String, String>)> = redis
-        .xrange(names.inbox_key(user), format!("({after}"), "+", Some(limit))
-        .await?;
-    let mut out = Vec::with_capacity(entries.len());
-    for (id, fields) in entries {
-        let Some(body) = fields.get(colloquy_core::records::INBOX_FIELD) else {
-            continue;
-        };
-        match serde_json::from_str::<Delivery>(body) {
-            Ok(mut d) => {
-                d.event_id = Some(id);
-                out.push(d);
-            }
-            Err(e) => {
-                tracing::warn!(userid = %user, event_id = %id, error = %e, "unreadable inbox entry skipped")
-            }
-        }
-    }
-    Ok(out)
 }

@@ -6,8 +6,11 @@
 
 pub mod audit;
 pub mod auth;
+pub mod close;
 pub mod config;
+pub mod connection;
 pub mod fanout;
+pub mod inbox;
 pub mod publish;
 pub mod rate_limit;
 pub mod routes;
@@ -48,10 +51,13 @@ pub struct Application {
 }
 
 impl Application {
-    /// Connects to Kafka and Redis, creates topics if needed and binds the listener.
+    /// Checks the configuration, sets up the Kafka producer and the Redis clients (which keep
+    /// reconnecting in the background when Redis is not up yet) and binds the listener.
+    /// Topics are created when the broker answers; when it does not, that is only logged.
     ///
     /// # Errors
-    /// When the configuration is invalid, the port cannot be bound or topics cannot be created.
+    /// When the configuration is insecure outside dev mode ([`config::ConfigError`]), a client
+    /// cannot be built, or the port cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let Settings {
             gateway,
@@ -59,6 +65,12 @@ impl Application {
             redis,
             names,
         } = settings;
+        gateway.validate()?;
+        if gateway.dev {
+            tracing::warn!(
+                "dev mode (COLLOQUY_DEV=1 / --dev): built-in secret, open POST /token and localhost origins are allowed"
+            );
+        }
         colloquy_core::metrics::record_build_info("gateway");
         if let Err(e) = colloquy_core::kafka::ensure_topics(&kafka, &names.all_topics()).await {
             // The broker may come up later; produce will report unavailability per message.
@@ -117,12 +129,12 @@ impl Application {
         Arc::clone(&self.state)
     }
 
-    /// Serves until `shutdown` fires, then drains: sockets are closed with 1012 so clients
-    /// reconnect elsewhere, in-flight produces finish and the producer is flushed, all within
-    /// the grace period.
+    /// Serves until `shutdown` fires, then drains: in-flight produces finish, every socket
+    /// writes the acks it owes and is closed with 1012 so clients reconnect elsewhere, and the
+    /// producer is flushed, all within the grace period.
     ///
     /// # Errors
-    /// When the server fails.
+    /// When the listener's address cannot be read.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self { listener, state } = self;
         let grace = state.config.shutdown_grace();
@@ -143,6 +155,8 @@ impl Application {
         let drained = tokio::time::timeout(grace, async {
             state.tasks.close();
             state.tasks.wait().await;
+            state.sessions.close();
+            state.sessions.wait().await;
             let _ = server.await;
         })
         .await;

@@ -18,7 +18,9 @@ use serde_json::json;
 use colloquy_core::wire::EventId;
 use colloquy_core::{UserId, kafka, metrics as m};
 
-use crate::session::{self, close, close_message};
+use crate::auth::{AuthError, constant_time_eq};
+use crate::close;
+use crate::session::{self, Accepted};
 use crate::state::AppState;
 
 const CHAT_PAGE: &str = include_str!("../static/index.html");
@@ -58,7 +60,9 @@ async fn issue_token(
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if presented != Some(admin.expose_secret()) {
+        let allowed = presented
+            .is_some_and(|p| constant_time_eq(p.as_bytes(), admin.expose_secret().as_bytes()));
+        if !allowed {
             return json_error(
                 StatusCode::UNAUTHORIZED,
                 "issuing tokens needs the admin bearer token",
@@ -95,6 +99,7 @@ struct WsParams {
 async fn websocket(
     State(state): State<Arc<AppState>>,
     Query(params): Query<WsParams>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     let limit = state.config.max_frame_bytes;
@@ -104,37 +109,100 @@ async fn websocket(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0);
     // Refusals are sent as close frames after the upgrade, because a browser cannot read an HTTP status.
-    let verdict = params
-        .userid
-        .as_deref()
-        .map(UserId::parse)
-        .ok_or("missing userid")
-        .and_then(|r| r.map_err(|_| "invalid userid"))
-        .and_then(|user| {
-            state
-                .tokens
-                .verify(params.token.as_deref(), &user)
-                .map(|()| user)
-                .map_err(|e| match e {
-                    crate::auth::AuthError::Missing => "missing token",
-                    crate::auth::AuthError::Expired => "token expired",
-                    crate::auth::AuthError::Invalid => "invalid token",
-                    crate::auth::AuthError::WrongUser => "token does not belong to this userid",
-                })
-        });
-    let after = params.after.as_deref().and_then(EventId::parse);
-    match verdict {
-        Ok(user) => ws.on_upgrade(move |socket| async move {
-            let (sink, stream) = socket.split();
-            session::run(sink, stream, state, user, after).await;
+    match admit(&state, &params, &headers) {
+        Ok(accepted) => ws.on_upgrade(move |socket| {
+            let sessions = state.sessions.clone();
+            sessions.track_future(async move {
+                let (sink, stream) = socket.split();
+                session::run(sink, stream, state, accepted).await;
+            })
         }),
         Err(reason) => {
-            metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "auth").increment(1);
-            ws.on_upgrade(move |mut socket| async move {
-                let _ = socket.send(close_message(close::POLICY, reason)).await;
+            let label = if reason == "origin not allowed" {
+                "origin"
+            } else {
+                "auth"
+            };
+            metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => label).increment(1);
+            ws.on_upgrade(move |socket| async move {
+                let (mut sink, mut stream) = socket.split();
+                session::close_and_linger(&mut sink, &mut stream, close::POLICY, reason).await;
             })
         }
     }
+}
+
+/// Checks a `/ws` request: its origin, userid, token and cursor. The error is the close reason.
+fn admit(
+    state: &AppState,
+    params: &WsParams,
+    headers: &HeaderMap,
+) -> Result<Accepted, &'static str> {
+    if !origin_allowed(&state.config, headers) {
+        return Err("origin not allowed");
+    }
+    let user = params
+        .userid
+        .as_deref()
+        .ok_or("missing userid")
+        .and_then(|u| UserId::parse(u).map_err(|_| "invalid userid"))?;
+    let exp = state
+        .tokens
+        .verify(params.token.as_deref(), &user)
+        .map_err(|e| match e {
+            AuthError::Missing => "missing token",
+            AuthError::Expired => "token expired",
+            AuthError::Invalid => "invalid token",
+            AuthError::WrongUser => "token does not belong to this userid",
+        })?;
+    let after = match params.after.as_deref() {
+        None => None,
+        Some(a) => Some(EventId::parse(a).ok_or("after is not an event id")?),
+    };
+    Ok(Accepted {
+        user,
+        after,
+        token_expires_ms: Some(exp.saturating_mul(1000)),
+    })
+}
+
+/// Whether a `/ws` request may proceed given its `Origin`: no header (a non-browser client),
+/// the same origin as the request's `Host`, a configured origin, or (in dev mode) localhost.
+fn origin_allowed(config: &crate::config::GatewayConfig, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.trim_end_matches('/');
+    if config
+        .allowed_origins
+        .iter()
+        .any(|o| o.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let Some(authority) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let same_origin = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|host| host.eq_ignore_ascii_case(authority));
+    same_origin || (config.dev && is_localhost(authority))
+}
+
+fn is_localhost(authority: &str) -> bool {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        authority.split(':').next().unwrap_or_default()
+    };
+    host.eq_ignore_ascii_case("localhost") || host == "127.0.0.1" || host == "::1"
 }
 
 async fn health() -> &'static str {
@@ -251,11 +319,11 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         let token = v["token"].as_str().unwrap();
-        assert_eq!(
+        assert!(
             state
                 .tokens
-                .verify(Some(token), &UserId::parse("dana").unwrap()),
-            Ok(())
+                .verify(Some(token), &UserId::parse("dana").unwrap())
+                .is_ok()
         );
         for bad in [
             "/token",
@@ -285,11 +353,50 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         assert_eq!(call(app.clone(), wrong).await.0, StatusCode::UNAUTHORIZED);
+        let longer = Request::post("/token?userid=erin")
+            .header("authorization", "Bearer adm2")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(call(app.clone(), longer).await.0, StatusCode::UNAUTHORIZED);
         let right = Request::post("/token?userid=erin")
             .header("authorization", "Bearer adm")
             .body(Body::empty())
             .unwrap();
         assert_eq!(call(app, right).await.0, StatusCode::OK);
+    }
+
+    fn origin_headers(origin: Option<&str>, host: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, host.parse().unwrap());
+        if let Some(o) = origin {
+            h.insert(header::ORIGIN, o.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn origins_are_checked_against_the_allow_list() {
+        let mut cfg = GatewayConfig::local("127.0.0.1:0".parse().unwrap());
+        cfg.dev = false;
+        cfg.allowed_origins = vec!["https://chat.example.com".into()];
+        let host = "gw.example.com";
+        let allowed =
+            |o: Option<&str>, cfg: &GatewayConfig| origin_allowed(cfg, &origin_headers(o, host));
+        assert!(allowed(None, &cfg), "no Origin: not a browser");
+        assert!(allowed(Some("https://chat.example.com"), &cfg));
+        assert!(allowed(Some("https://gw.example.com"), &cfg), "same origin");
+        assert!(!allowed(Some("https://evil.example"), &cfg));
+        assert!(
+            !allowed(Some("http://localhost:3000"), &cfg),
+            "localhost only in dev"
+        );
+        assert!(!allowed(Some("null"), &cfg));
+        cfg.dev = true;
+        assert!(allowed(Some("http://localhost:3000"), &cfg));
+        assert!(allowed(Some("http://127.0.0.1:8080"), &cfg));
+        assert!(allowed(Some("http://[::1]:8080"), &cfg));
+        assert!(!allowed(Some("http://localhost.evil.example"), &cfg));
+        assert!(!allowed(Some("https://evil.example"), &cfg));
     }
 
     #[tokio::test]

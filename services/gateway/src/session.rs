@@ -1,80 +1,79 @@
-//! One WebSocket session: reads client frames, produces messages, writes acks and deliveries.
+//! One WebSocket session: the I/O around a [`Connection`].
 //!
-//! The loop is generic over a `Sink`/`Stream` of WebSocket messages so a unit test can drive
-//! it with channels. All writes to the socket happen here, in one task, which makes the
-//! per-connection promise easy to keep: a connection never sees the same `event_id` twice,
-//! and after any gap it replays from the inbox before resuming live delivery.
+//! The loop registers the socket with the fan-out, reads the user's stream position, then feeds
+//! every event (a client frame, a live delivery, an inbox page, a publish outcome, a gap, a
+//! tick) to the connection and performs the actions it returns: writing frames, reading the
+//! inbox, checking the rate limit and producing to Kafka, pinging, closing. Every decision
+//! about what is written lives in [`Connection`]; this file only moves bytes. It is generic over
+//! a `Sink`/`Stream` of WebSocket messages so a unit test can drive it with channels.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use axum::extract::ws::Message;
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
+use colloquy_core::backoff::Backoff;
 use colloquy_core::records::{Delivery, ResponseBody};
-use colloquy_core::wire::{ClientFrame, ErrorCode, EventId, ServerFrame};
+use colloquy_core::wire::{EventId, ServerFrame};
 use colloquy_core::{UserId, metrics as m, now_ms};
 
-use crate::fanout::{ConnHandle, Outbound, RegisterError, Resync, read_inbox};
-use crate::publish::{self, PublishError};
+use crate::close;
+use crate::connection::{Action, Connection, InboxPage, Limits, Published};
+use crate::fanout::{ConnHandle, RegisterError, Resync};
+use crate::inbox;
+use crate::publish;
 use crate::rate_limit::Decision;
 use crate::state::AppState;
 
-/// Close codes the gateway uses.
-pub mod close {
-    /// Bad, expired or foreign token; invalid userid.
-    pub const POLICY: u16 = 1008;
-    /// A frame above the size limit.
-    pub const TOO_BIG: u16 = 1009;
-    /// The gateway is restarting: reconnect (to another instance) and resume.
-    pub const RESTART: u16 = 1012;
-    /// Try again later: too many sockets for this user, or deliveries unavailable.
-    pub const TRY_AGAIN: u16 = 1013;
+/// What a session receives besides client frames.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A delivery published on the user's channel.
+    Live(Arc<Delivery>),
+    /// The inbox page a replay asked for; `None` when reading failed.
+    Inbox(Option<InboxPage>),
+    /// How producing a message ended (from the Kafka delivery report).
+    Published { msg_id: String, outcome: Published },
 }
 
 /// Deliveries buffered for one socket before it is considered slow and told to replay.
 const OUTBOUND_CAPACITY: usize = 256;
-/// Live deliveries held while a replay runs; beyond this the replay simply runs again.
-const MAX_PENDING: usize = 4_096;
+/// How often the connection's clock ticks (pings, idle timeout, token expiry).
+const TICK: Duration = Duration::from_secs(1);
+/// How long a socket is held open after our close frame, so the peer (or nginx) reads it
+/// before the TCP connection goes away.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Backoff of a failed inbox read: full jitter, capped.
+const REPLAY_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(100),
+    cap: Duration::from_secs(10),
+    max_attempts: u32::MAX,
+};
 
-/// Where a connection is in the stream of its user's deliveries.
-#[derive(Debug)]
-struct Cursor {
-    /// Highest event id written to this socket.
-    last_seen: Option<EventId>,
-    /// Replay start when nothing was seen yet: the moment the socket connected (or the client's resume point).
-    floor: EventId,
+/// An authenticated socket's parameters.
+#[derive(Clone, Debug)]
+pub struct Accepted {
+    pub user: UserId,
+    /// The client's cursor from `?after=`.
+    pub after: Option<EventId>,
+    /// When the token expires (Unix milliseconds).
+    pub token_expires_ms: Option<u64>,
 }
 
-impl Cursor {
-    fn position(&self) -> EventId {
-        self.last_seen.unwrap_or(self.floor).max(self.floor)
-    }
-    fn is_new(&self, id: EventId) -> bool {
-        id > self.position()
-    }
-}
-
-enum Replay {
-    Idle,
-    Running {
-        pending: Vec<Arc<Delivery>>,
-        again: bool,
-    },
-}
-
-/// Runs a session for an authenticated `user` until the client leaves or the gateway stops.
-pub async fn run<S, R>(
-    mut sink: S,
-    mut stream: R,
-    state: Arc<AppState>,
-    user: UserId,
-    resume_after: Option<EventId>,
-) where
+/// Runs a session for an authenticated user until the client leaves, the token expires or
+/// the gateway stops.
+pub async fn run<S, R>(mut sink: S, mut stream: R, state: Arc<AppState>, accepted: Accepted)
+where
     S: Sink<Message> + Unpin + Send,
     R: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
 {
+    let Accepted {
+        user,
+        after,
+        token_expires_ms,
+    } = accepted;
     let conn_id = state.next_conn_id();
     let (tx, mut rx) = mpsc::channel(OUTBOUND_CAPACITY);
     let resync = Arc::new(Resync::default());
@@ -89,203 +88,332 @@ pub async fn run<S, R>(
             RegisterError::Subscribe(_) => "deliveries_unavailable",
         };
         metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
-        let _ = sink
-            .send(close_message(close::TRY_AGAIN, &e.to_string()))
-            .await;
+        close_and_linger(&mut sink, &mut stream, close::TRY_AGAIN, &e.to_string()).await;
         return;
     }
+    // Subscribed first, position second: anything after the position arrives live.
+    let position = tokio::time::timeout(
+        Duration::from_secs(2),
+        inbox::position(&state.redis, &state.names, &user),
+    )
+    .await;
+    let position = match position {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) | Err(_) => {
+            state.fanout.unregister(&user, conn_id);
+            metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "deliveries_unavailable")
+                .increment(1);
+            close_and_linger(
+                &mut sink,
+                &mut stream,
+                close::TRY_AGAIN,
+                "deliveries unavailable: cannot read the stream position",
+            )
+            .await;
+            return;
+        }
+    };
     metrics::gauge!(m::CONNECTIONS).increment(1.0);
-    tracing::debug!(userid = %user, conn_id, "session open");
+    tracing::debug!(userid = %user, conn_id, %position, "session open");
 
-    let connected = EventId {
-        ms: now_ms().max(1) as u64 - 1,
-        seq: u64::MAX,
-    };
-    let mut cursor = Cursor {
-        last_seen: None,
-        floor: resume_after.unwrap_or(connected),
-    };
-    let mut replay = Replay::Idle;
-    let in_flight = Arc::new(Semaphore::new(state.config.max_in_flight_per_connection));
-    let mut session = Session {
+    let (mut conn, first) = Connection::open(
+        limits(&state),
+        user.as_str(),
+        position,
+        after,
+        token_expires_ms,
+        unix_ms(),
+    );
+    let io = Io {
         state: &state,
         user: &user,
         tx: &tx,
-        in_flight: &in_flight,
     };
-    if resume_after.is_some() {
-        session.start_replay(&mut replay, &cursor, "resume");
-    }
-
+    let mut ended = io.perform(&mut sink, &mut conn, first).await;
+    let mut ticks = tokio::time::interval(TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let shutdown = state.shutdown.clone();
-    loop {
-        tokio::select! {
+    while ended.is_none() {
+        ended = tokio::select! {
             biased;
-            () = shutdown.cancelled() => {
-                // Drain: let in-flight produces finish and their acks reach the client, then close.
-                let max = state.config.max_in_flight_per_connection;
-                let drain = async {
-                    while in_flight.available_permits() < max || !rx.is_empty() {
-                        let Some(out) = rx.recv().await else { break };
-                        let mut frames = Vec::new();
-                        session.on_outbound(out, &mut cursor, &mut replay, &mut frames);
-                        if write_frames(&mut sink, frames).await.is_err() {
-                            break;
-                        }
-                    }
-                };
-                let _ = tokio::time::timeout(state.config.shutdown_grace(), drain).await;
-                let _ = sink.send(close_message(close::RESTART, "server restarting; reconnect and resume")).await;
-                break;
-            }
+            () = shutdown.cancelled() => Some(io.drain(&mut sink, &mut conn, &mut rx).await),
             Some(out) = rx.recv() => {
-                let mut frames = Vec::new();
-                session.on_outbound(out, &mut cursor, &mut replay, &mut frames);
-                // Drain what is already queued, then flush once.
-                while frames.len() < 64 {
+                let mut actions = io.on_outbound(&mut conn, out);
+                // Take what is already queued, then flush once.
+                while actions.len() < 64 {
                     match rx.try_recv() {
-                        Ok(out) => session.on_outbound(out, &mut cursor, &mut replay, &mut frames),
+                        Ok(out) => actions.extend(io.on_outbound(&mut conn, out)),
                         Err(_) => break,
                     }
                 }
-                if write_frames(&mut sink, frames).await.is_err() {
-                    break;
-                }
+                io.perform(&mut sink, &mut conn, actions).await
             }
             () = resync.requested() => {
-                session.start_replay(&mut replay, &cursor, "resync");
+                let actions = conn.on_gap();
+                io.perform(&mut sink, &mut conn, actions).await
             }
-            incoming = stream.next() => {
-                let Some(incoming) = incoming else { break };
-                match incoming {
-                    Ok(Message::Text(text)) => match session.on_text(text.as_str()).await {
-                        Some(Action::Reply(frame)) => {
-                            let sent = sink.send(Message::Text(frame.to_json().into())).await;
-                            if sent.is_err() {
-                                break;
-                            }
-                        }
-                        Some(Action::Resume(after)) => {
-                            // Never move backwards: a connection must not see an event twice.
-                            cursor.floor = cursor.floor.max(after);
-                            session.start_replay(&mut replay, &cursor, "resume");
-                        }
-                        None => {}
-                    },
-                    Ok(Message::Binary(_)) => {
-                        metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "invalid").increment(1);
-                        let frame = ServerFrame::error(ErrorCode::InvalidMessage, "binary frames are not supported; send JSON text");
-                        if sink.send(Message::Text(frame.to_json().into())).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(Message::Ping(_) | Message::Pong(_)) => {}
-                    Ok(Message::Close(_)) => break,
-                    Err(e) => {
-                        let text = e.to_string();
-                        if text.contains("too long") || text.contains("Space limit") || text.contains("size") {
-                            metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "frame_too_large").increment(1);
-                            let _ = sink.send(close_message(close::TOO_BIG, "frame too large")).await;
-                        }
-                        tracing::debug!(userid = %user, error = %e, "socket read failed");
-                        break;
-                    }
+            _ = ticks.tick() => {
+                let actions = conn.on_tick(unix_ms());
+                io.perform(&mut sink, &mut conn, actions).await
+            }
+            incoming = stream.next() => match incoming {
+                None | Some(Ok(Message::Close(_))) => Some(End::PeerLeft),
+                Some(Ok(Message::Text(text))) => {
+                    let actions = conn.on_text(text.as_str(), unix_ms());
+                    io.perform(&mut sink, &mut conn, actions).await
                 }
-            }
+                Some(Ok(Message::Binary(_))) => {
+                    let actions = conn.on_binary(unix_ms());
+                    io.perform(&mut sink, &mut conn, actions).await
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                    conn.on_heard(unix_ms());
+                    None
+                }
+                Some(Err(e)) => Some(read_failed(&user, &e)),
+            },
+        };
+    }
+    match ended {
+        Some(End::Close(code, reason)) => {
+            close_and_linger(&mut sink, &mut stream, code, &reason).await;
         }
+        Some(End::TooBig) => {
+            metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "frame_too_large").increment(1);
+            let reason = format!(
+                "frame too large: the limit is {} bytes",
+                state.config.max_frame_bytes
+            );
+            // The rest of the oversized frame is unread: hold the socket without reading, so
+            // the close frame is not destroyed by a reset before the peer (or nginx) reads it.
+            let _ = sink.send(close::message(close::TOO_BIG, &reason)).await;
+            tokio::time::sleep(CLOSE_LINGER).await;
+        }
+        Some(End::PeerLeft | End::Gone) | None => {}
     }
     state.fanout.unregister(&user, conn_id);
     metrics::gauge!(m::CONNECTIONS).decrement(1.0);
     tracing::debug!(userid = %user, conn_id, "session closed");
 }
 
-/// What the reader asks the loop to do after a text frame.
-enum Action {
-    Reply(ServerFrame),
-    Resume(EventId),
+/// Why the loop ended.
+enum End {
+    /// The client closed or the socket dropped.
+    PeerLeft,
+    /// Writing failed: nothing more can be sent.
+    Gone,
+    /// A frame above the size limit.
+    TooBig,
+    /// We close with this code and reason.
+    Close(u16, String),
 }
 
-struct Session<'a> {
+fn read_failed(user: &UserId, e: &axum::Error) -> End {
+    let text = e.to_string();
+    tracing::debug!(userid = %user, error = %text, "socket read failed");
+    if text.contains("too long") || text.contains("Space limit") || text.contains("size") {
+        End::TooBig
+    } else {
+        End::PeerLeft
+    }
+}
+
+fn limits(state: &AppState) -> Limits {
+    let c = &state.config;
+    Limits {
+        max_content_bytes: c.max_content_bytes,
+        max_in_flight: c.max_in_flight_per_connection,
+        replay_page: c.replay_limit.max(1),
+        ping_interval_ms: c.ping_interval_secs.saturating_mul(1000),
+        idle_timeout_ms: c.idle_timeout_secs.saturating_mul(1000),
+        resume_burst: c.resume_burst,
+        resume_refill_ms: c.resume_refill_ms,
+        ..Limits::default()
+    }
+}
+
+fn unix_ms() -> u64 {
+    u64::try_from(now_ms()).unwrap_or(0)
+}
+
+/// Sends a close frame, then reads (and discards) until the peer answers with its own close or
+/// goes away, at most [`CLOSE_LINGER`]: the close frame is always delivered before the TCP
+/// connection ends.
+pub async fn close_and_linger<S, R>(sink: &mut S, stream: &mut R, code: u16, reason: &str)
+where
+    S: Sink<Message> + Unpin,
+    R: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    if sink.send(close::message(code, reason)).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        while let Some(Ok(m)) = stream.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// The session's side effects.
+struct Io<'a> {
     state: &'a Arc<AppState>,
     user: &'a UserId,
     tx: &'a mpsc::Sender<Outbound>,
-    in_flight: &'a Arc<Semaphore>,
 }
 
-impl Session<'_> {
-    /// Handles one text frame; returns a frame to write at once (errors, pong) or a resume.
-    async fn on_text(&mut self, text: &str) -> Option<Action> {
-        let received_at_ms = now_ms();
-        let frame = match ClientFrame::parse(text, self.state.config.max_content_bytes) {
-            Ok(f) => f,
-            Err(e) => {
-                let outcome = if e.code() == ErrorCode::TooLarge {
-                    "too_large"
-                } else {
-                    "invalid"
-                };
-                metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => outcome)
-                    .increment(1);
-                return Some(Action::Reply(ServerFrame::error(e.code(), e.to_string())));
-            }
-        };
-        match frame {
-            ClientFrame::Ping => Some(Action::Reply(ServerFrame::Pong)),
-            ClientFrame::Resume { after } => {
-                Some(Action::Resume(EventId::parse(&after).unwrap_or_default()))
-            }
-            ClientFrame::Message {
-                content,
-                id,
-                userid,
-            } => {
-                if userid.as_deref().is_some_and(|u| u != self.user.as_str()) {
-                    metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "invalid")
-                        .increment(1);
-                    return Some(Action::Reply(error_for(
-                        ErrorCode::InvalidMessage,
-                        "userid does not match the connection",
-                        id,
-                        None,
-                    )));
-                }
-                let msg_id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-                // Boxed: the Redis script's future is large, and inlined it would sit in every
-                // idle session's future (17 → 12 KiB per connection, docs/performance.md).
-                if let Decision::Limited { retry_after_ms } =
-                    Box::pin(self.state.limiter.check(self.user)).await
-                {
-                    metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "rate_limited").increment(1);
-                    return Some(Action::Reply(error_for(
-                        ErrorCode::RateLimited,
-                        "rate limit exceeded",
-                        Some(msg_id),
-                        Some(retry_after_ms),
-                    )));
-                }
-                let Ok(permit) = Arc::clone(self.in_flight).try_acquire_owned() else {
-                    metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "too_many_in_flight").increment(1);
-                    return Some(Action::Reply(error_for(
-                        ErrorCode::RateLimited,
-                        "too many messages waiting for their ack",
-                        Some(msg_id),
-                        Some(100),
-                    )));
-                };
-                self.publish(msg_id, content, received_at_ms, permit)
-                    .map(Action::Reply)
-            }
+impl Io<'_> {
+    fn on_outbound(&self, conn: &mut Connection, out: Outbound) -> Vec<Action> {
+        match out {
+            Outbound::Live(d) => conn.on_live(d),
+            Outbound::Inbox(page) => conn.on_inbox(page),
+            Outbound::Published { msg_id, outcome } => conn.on_published(msg_id, outcome),
         }
     }
 
-    /// Enqueues the message to Kafka in arrival order; the ack is sent from the delivery report.
-    fn publish(
+    /// Performs `actions` (and those they lead to) and flushes; `Some` when the session ends.
+    async fn perform<S: Sink<Message> + Unpin>(
         &self,
-        msg_id: String,
-        content: String,
-        received_at_ms: i64,
-        permit: tokio::sync::OwnedSemaphorePermit,
-    ) -> Option<ServerFrame> {
+        sink: &mut S,
+        conn: &mut Connection,
+        actions: Vec<Action>,
+    ) -> Option<End> {
+        let mut queue = std::collections::VecDeque::from(actions);
+        let mut wrote = false;
+        while let Some(action) = queue.pop_front() {
+            let message = match action {
+                Action::Write(frame) => {
+                    count_written(&frame);
+                    Message::Text(frame.to_json().into())
+                }
+                Action::Refuse(frame, why) => {
+                    metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => why.as_str())
+                        .increment(1);
+                    Message::Text(frame.to_json().into())
+                }
+                Action::Deliver(d) => Message::Text(delivered_frame(&d).to_json().into()),
+                Action::Ping => Message::Ping(Vec::new().into()),
+                Action::ReadInbox {
+                    after,
+                    limit,
+                    check_trim,
+                    attempt,
+                } => {
+                    self.read_inbox(after, limit, check_trim, attempt);
+                    continue;
+                }
+                Action::Publish { msg_id, content } => {
+                    if let Some(outcome) = self.publish(msg_id.clone(), content).await {
+                        queue.extend(conn.on_published(msg_id, outcome));
+                    }
+                    continue;
+                }
+                Action::Close { code, reason } => {
+                    if wrote {
+                        let _ = sink.flush().await;
+                    }
+                    return Some(End::Close(code, reason.to_owned()));
+                }
+            };
+            if sink.feed(message).await.is_err() {
+                return Some(End::Gone);
+            }
+            wrote = true;
+        }
+        let duplicates = conn.take_duplicates();
+        if duplicates > 0 {
+            metrics::counter!(m::DUPLICATES, "service" => "gateway").increment(duplicates);
+        }
+        if wrote && sink.flush().await.is_err() {
+            return Some(End::Gone);
+        }
+        None
+    }
+
+    /// Shutdown: stop reading the client, write every ack still owed, then close with 1012.
+    async fn drain<S: Sink<Message> + Unpin>(
+        &self,
+        sink: &mut S,
+        conn: &mut Connection,
+        rx: &mut mpsc::Receiver<Outbound>,
+    ) -> End {
+        let drain = async {
+            while conn.in_flight() > 0 || !rx.is_empty() {
+                let Some(out) = rx.recv().await else { break };
+                let actions = self.on_outbound(conn, out);
+                if self.perform(sink, conn, actions).await.is_some() {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(self.state.config.shutdown_grace(), drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!(userid = %self.user, in_flight = conn.in_flight(), "shutdown grace elapsed before every ack was written");
+        }
+        End::Close(
+            close::RESTART,
+            "server restarting; reconnect and resume".into(),
+        )
+    }
+
+    /// Reads an inbox page in a task, bounded by the gateway-wide replay semaphore, after a
+    /// jittered backoff when it is a retry; the page comes back as [`Outbound::Inbox`].
+    fn read_inbox(&self, after: EventId, limit: u64, check_trim: bool, attempt: u32) {
+        let state = Arc::clone(self.state);
+        let user = self.user.clone();
+        let tx = self.tx.clone();
+        let reason = if check_trim { "resume" } else { "resync" };
+        tokio::spawn(async move {
+            if attempt > 0 {
+                let delay = REPLAY_BACKOFF
+                    .delay(attempt, None, &mut rand::rng())
+                    .unwrap_or(REPLAY_BACKOFF.cap);
+                tokio::time::sleep(delay).await;
+            }
+            let Ok(_permit) = state.replays.acquire().await else {
+                return;
+            };
+            let page = match inbox::read(
+                &state.redis,
+                &state.names,
+                &user,
+                after,
+                limit,
+                check_trim,
+            )
+            .await
+            {
+                Ok(page) => {
+                    metrics::counter!(m::REPLAYED, "reason" => reason)
+                        .increment(page.entries.len() as u64);
+                    Some(page)
+                }
+                Err(e) => {
+                    metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "replay")
+                        .increment(1);
+                    tracing::warn!(userid = %user, error = %e, attempt, "inbox replay failed; retrying");
+                    None
+                }
+            };
+            let _ = tx.send(Outbound::Inbox(page)).await;
+        });
+    }
+
+    /// Checks the rate limit and enqueues the message to Kafka in arrival order; the outcome
+    /// now when it is refused at once, else later from the delivery report.
+    async fn publish(&self, msg_id: String, content: String) -> Option<Published> {
+        let received_at_ms = now_ms();
+        // Boxed: the Redis script's future is large, and inlined it would sit in every idle
+        // session's future (17 → 12 KiB per connection, docs/performance.md).
+        if let Decision::Limited { retry_after_ms } =
+            Box::pin(self.state.limiter.check(self.user)).await
+        {
+            return Some(Published::RateLimited { retry_after_ms });
+        }
         let span = tracing::info_span!(parent: None, "gateway.message", userid = %self.user, msg_id = %msg_id, otel.kind = "producer");
         match publish::enqueue(
             self.state,
@@ -297,135 +425,53 @@ impl Session<'_> {
         ) {
             Ok(pending) => {
                 let tx = self.tx.clone();
-                self.state.tasks.spawn(async move {
-                    let started = Instant::now();
-                    let frame = match pending.await {
-                        Ok(trace_id) => {
-                            metrics::histogram!(m::STAGE_LATENCY, "stage" => "produce").record(started.elapsed().as_secs_f64());
-                            metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "acked").increment(1);
-                            ServerFrame::Ack { id: msg_id, trace_id }
-                        }
-                        Err(e) => unavailable(msg_id, &e),
-                    };
-                    // Queue the ack before releasing the slot: a draining session waits for
-                    // every slot, and must find the ack queued when it gets them back.
-                    let _ = tx.send(Outbound::Frame(frame)).await;
-                    drop(permit);
-                });
+                self.state
+                    .tasks
+                    .spawn(await_ack(pending, msg_id, tx, Instant::now()));
                 None
             }
-            Err(e) => Some(unavailable(msg_id, &e)),
-        }
-    }
-
-    fn start_replay(&mut self, replay: &mut Replay, cursor: &Cursor, reason: &'static str) {
-        if let Replay::Running { again, .. } = replay {
-            *again = true;
-            return;
-        }
-        *replay = Replay::Running {
-            pending: Vec::new(),
-            again: false,
-        };
-        let redis = self.state.redis.clone();
-        let names = self.state.names.clone();
-        let user = self.user.clone();
-        let after = cursor.position();
-        let limit = self.state.config.replay_limit;
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            let out = match read_inbox(&redis, &names, &user, after, limit).await {
-                Ok(deliveries) => {
-                    metrics::counter!(m::REPLAYED, "reason" => reason)
-                        .increment(deliveries.len() as u64);
-                    let more = deliveries.len() as u64 >= limit;
-                    Outbound::Replayed { deliveries, more }
-                }
-                Err(e) => {
-                    metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "replay")
-                        .increment(1);
-                    tracing::warn!(userid = %user, error = %e, "inbox replay failed; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                    Outbound::ReplayFailed
-                }
-            };
-            let _ = tx.send(out).await;
-        });
-    }
-
-    fn on_outbound(
-        &mut self,
-        out: Outbound,
-        cursor: &mut Cursor,
-        replay: &mut Replay,
-        frames: &mut Vec<ServerFrame>,
-    ) {
-        match out {
-            Outbound::Frame(f) => frames.push(f),
-            Outbound::Live(d) => {
-                let Some(id) = d.event_id.as_deref().and_then(EventId::parse) else {
-                    // Deltas are ephemeral: write them as they come.
-                    frames.push(delivered_frame(&d));
-                    return;
-                };
-                match replay {
-                    Replay::Running { pending, again } => {
-                        if pending.len() < MAX_PENDING {
-                            pending.push(d);
-                        } else {
-                            pending.clear();
-                            *again = true;
-                        }
-                    }
-                    Replay::Idle => write_durable(&d, id, cursor, frames),
-                }
-            }
-            Outbound::Replayed { deliveries, more } => {
-                for d in &deliveries {
-                    if let Some(id) = d.event_id.as_deref().and_then(EventId::parse) {
-                        write_durable(d, id, cursor, frames);
-                    }
-                }
-                let Replay::Running { pending, again } = std::mem::replace(replay, Replay::Idle)
-                else {
-                    return;
-                };
-                if more || again {
-                    self.start_replay(replay, cursor, "resync");
-                    if let Replay::Running { pending: p, .. } = replay {
-                        *p = pending;
-                    }
-                    return;
-                }
-                let mut pending = pending;
-                pending.sort_by_key(|d| d.event_id.as_deref().and_then(EventId::parse));
-                for d in pending {
-                    if let Some(id) = d.event_id.as_deref().and_then(EventId::parse) {
-                        write_durable(&d, id, cursor, frames);
-                    }
-                }
-            }
-            Outbound::ReplayFailed => {
-                let Replay::Running { pending, .. } = std::mem::replace(replay, Replay::Idle)
-                else {
-                    return;
-                };
-                self.start_replay(replay, cursor, "retry");
-                if let Replay::Running { pending: p, .. } = replay {
-                    *p = pending;
-                }
+            Err(e) => {
+                unavailable(&msg_id, &e);
+                Some(Published::Unavailable)
             }
         }
     }
 }
 
-fn write_durable(d: &Delivery, id: EventId, cursor: &mut Cursor, frames: &mut Vec<ServerFrame>) {
-    if cursor.is_new(id) {
-        cursor.last_seen = Some(id);
-        frames.push(delivered_frame(d));
-    } else {
-        metrics::counter!(m::DUPLICATES, "service" => "gateway").increment(1);
-    }
+/// Waits for the Kafka delivery report of one message and hands the outcome to its session:
+/// the one place where a message becomes acked.
+async fn await_ack(
+    pending: impl Future<Output = Result<String, publish::PublishError>>,
+    msg_id: String,
+    tx: mpsc::Sender<Outbound>,
+    started: Instant,
+) {
+    let outcome = match pending.await {
+        Ok(trace_id) => {
+            metrics::histogram!(m::STAGE_LATENCY, "stage" => "produce")
+                .record(started.elapsed().as_secs_f64());
+            Published::Acked { trace_id }
+        }
+        Err(e) => {
+            unavailable(&msg_id, &e);
+            Published::Unavailable
+        }
+    };
+    let _ = tx.send(Outbound::Published { msg_id, outcome }).await;
+}
+
+fn unavailable(msg_id: &str, e: &publish::PublishError) {
+    metrics::counter!(m::KAFKA_ERRORS, "service" => "gateway", "op" => "produce").increment(1);
+    tracing::warn!(msg_id = %msg_id, error = %e, "message not accepted by Kafka");
+}
+
+fn count_written(frame: &ServerFrame) {
+    let outcome = match frame {
+        ServerFrame::Ack { .. } => "acked",
+        ServerFrame::Error { .. } => "unavailable",
+        _ => return,
+    };
+    metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => outcome).increment(1);
 }
 
 /// The frame for a delivery, with its latency recorded at the moment it is handed to the socket.
@@ -456,59 +502,4 @@ fn delivered_frame(d: &Delivery) -> ServerFrame {
         }
     }
     d.to_frame()
-}
-
-async fn write_frames<S: Sink<Message> + Unpin>(
-    sink: &mut S,
-    frames: Vec<ServerFrame>,
-) -> Result<(), ()> {
-    if frames.is_empty() {
-        return Ok(());
-    }
-    for f in frames {
-        sink.feed(Message::Text(f.to_json().into()))
-            .await
-            .map_err(|_| ())?;
-    }
-    sink.flush().await.map_err(|_| ())
-}
-
-fn error_for(
-    code: ErrorCode,
-    message: &str,
-    id: Option<String>,
-    retry_after_ms: Option<u64>,
-) -> ServerFrame {
-    ServerFrame::Error {
-        code,
-        message: message.to_owned(),
-        id,
-        event_id: None,
-        retry_after_ms,
-    }
-}
-
-fn unavailable(msg_id: String, e: &PublishError) -> ServerFrame {
-    metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "unavailable").increment(1);
-    metrics::counter!(m::KAFKA_ERRORS, "service" => "gateway", "op" => "produce").increment(1);
-    tracing::warn!(msg_id = %msg_id, error = %e, "message not accepted by Kafka");
-    error_for(
-        ErrorCode::Unavailable,
-        "message not stored; resend it with the same id",
-        Some(msg_id),
-        Some(1_000),
-    )
-}
-
-/// A close frame with `code` and `reason` (truncated to the protocol's 123 bytes).
-#[must_use]
-pub fn close_message(code: u16, reason: &str) -> Message {
-    let mut reason = reason.to_owned();
-    while reason.len() > 123 {
-        reason.pop();
-    }
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason),
-    }))
 }

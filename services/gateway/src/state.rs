@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use fred::prelude::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::producer::FutureProducer;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -33,6 +34,11 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Produce tasks that shutdown waits for.
     pub tasks: TaskTracker,
+    /// WebSocket sessions, which shutdown waits for (each writes its owed acks, then closes).
+    pub sessions: TaskTracker,
+    /// Slots for inbox reads: a burst of replays (after a Redis reconnect, every socket
+    /// replays) queues here instead of hitting Redis at once.
+    pub replays: Semaphore,
     conn_ids: AtomicU64,
 }
 
@@ -61,6 +67,7 @@ impl AppState {
         Self {
             audit: Audit::start(redis.clone(), names.clone(), shutdown.clone()),
             incoming_topic: names.incoming_topic(),
+            replays: Semaphore::new(config.max_concurrent_replays.max(1)),
             config,
             names,
             producer,
@@ -71,6 +78,7 @@ impl AppState {
             metrics,
             shutdown,
             tasks: TaskTracker::new(),
+            sessions: TaskTracker::new(),
             conn_ids: AtomicU64::new(1),
         }
     }

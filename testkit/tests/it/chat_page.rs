@@ -1,6 +1,9 @@
 //! The chat page (`GET /`) in a real browser: headless Chromium driven over the DevTools
 //! protocol against the whole stack. Skipped, with a notice, when no Chromium is installed
 //! (`CHROMIUM`, or `chromium` / `chromium-browser` on PATH).
+//!
+//! Two plays: a conversation that streams and shows its answer, and a reconnect: answers that
+//! landed while the page was disconnected (the relay paused) appear when it connects again.
 
 use std::path::Path;
 use std::time::Duration;
@@ -213,6 +216,149 @@ async fn chat(page: &Page) -> anyhow::Result<()> {
         partials.len()
     );
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_page_shows_answers_that_landed_while_it_was_disconnected() {
+    let Some(chromium) = find_chromium() else {
+        eprintln!(
+            "SKIPPED the_chat_page_shows_answers_that_landed_while_it_was_disconnected: no Chromium \
+             (set CHROMIUM or put chromium / chromium-browser on PATH)"
+        );
+        return;
+    };
+    let mut app = TestApp::spawn().await.expect("stack");
+    let result = async {
+        let browser = Browser::launch_binary(&chromium)
+            .await
+            .context("launch Chromium")?;
+        let page = browser.page().await.context("page target")?;
+        // A returning user (answered before) and one whose first answer comes after the reconnect.
+        for (user, answered_before) in [("returning_user", true), ("first_timer", false)] {
+            let played = reconnect(&mut app, &page, user, answered_before).await;
+            if let Err(e) = played {
+                return Err(anyhow::anyhow!("{user}: {e:#}\n{}", diagnose(&page).await));
+            }
+        }
+        let log = page.log();
+        ensure!(!log.contains("uncaught:"), "the page threw:\n{log}");
+        Ok(())
+    }
+    .await;
+    app.shutdown().await;
+    if let Err(e) = result {
+        panic!("{e:#}");
+    }
+}
+
+/// Connect; ask (answered) when `answered_before`; pause the relay; ask again (acked); press
+/// Disconnect; let the relay deliver; press Connect: the answer appears.
+async fn reconnect(
+    app: &mut TestApp,
+    page: &Page,
+    user: &str,
+    answered_before: bool,
+) -> anyhow::Result<()> {
+    page.goto(&format!("{}/?userid={user}", app.http_base(0)))
+        .await?;
+    let status = |s: &str| {
+        format!(
+            "document.getElementById('status').textContent === {}",
+            js_str(s)
+        )
+    };
+    page.wait_for(&status("connected"), T)
+        .await
+        .context("connect")?;
+    let mut stored = 0;
+    if answered_before {
+        ask(page, "first question").await?;
+        answer_shown(page, "first question").await?;
+        stored += 1;
+    }
+    app.stop_relay().await;
+    let id = ask(page, "second question").await?;
+    page.wait_for(
+        &format!(
+            "document.querySelector('.answer[data-msg-id=\"{id}\"]')?.parentElement?.querySelector('.meta .state')?.textContent === 'acked, waiting…'"
+        ),
+        T,
+    )
+    .await
+    .context("the second question is acked")?;
+    page.eval("document.getElementById('disconnect').click()")
+        .await?;
+    page.wait_for(&status("disconnected"), T)
+        .await
+        .context("disconnect")?;
+    app.start_relay().await?;
+    inbox_holds(app, user, stored + 1).await?;
+    ensure!(
+        page.eval(&format!(
+            "!!document.querySelector('.answer.done[data-msg-id=\"{id}\"]')"
+        ))
+        .await?
+            == Value::Bool(false),
+        "the answer showed while disconnected"
+    );
+    page.eval("document.getElementById('connect').click()")
+        .await?;
+    page.wait_for(&status("connected"), T)
+        .await
+        .context("reconnect")?;
+    let text = answer_shown(page, "second question").await?;
+    ensure!(text.starts_with("echo: second question"), "{text:?}");
+    Ok(())
+}
+
+/// Types `question`, clicks Send and returns the new answer bubble's message id.
+async fn ask(page: &Page, question: &str) -> anyhow::Result<String> {
+    let q = js_str(question);
+    let id = page
+        .eval(&format!(
+            r"(() => {{
+                document.getElementById('input').value = {q};
+                document.getElementById('send').click();
+                const answers = document.querySelectorAll('.answer[data-msg-id]');
+                return answers[answers.length - 1]?.dataset.msgId ?? null;
+            }})()"
+        ))
+        .await?;
+    id.as_str()
+        .map(str::to_owned)
+        .context("clicking Send created no answer bubble")
+}
+
+/// Waits for the final answer whose text contains `question` (the fake LLM echoes it).
+async fn answer_shown(page: &Page, question: &str) -> anyhow::Result<String> {
+    let q = js_str(question);
+    let text = page
+        .wait_for(
+            &format!(
+                "[...document.querySelectorAll('.answer.done')].find((a) => a.textContent.includes({q}))?.textContent ?? null"
+            ),
+            T,
+        )
+        .await
+        .with_context(|| format!("the answer to {question:?}"))?;
+    Ok(text.as_str().unwrap_or_default().to_owned())
+}
+
+/// Waits until the user's inbox holds `n` entries: the relay delivered while the page was away.
+async fn inbox_holds(app: &TestApp, user: &str, n: usize) -> anyhow::Result<()> {
+    use fred::prelude::StreamsInterface;
+    let pool = colloquy_core::redis::pool(&app.redis()).await?;
+    let key = app
+        .names
+        .inbox_key(&colloquy_core::UserId::parse(user).context("userid")?);
+    for _ in 0..300 {
+        let len: usize = pool.xlen(&key).await?;
+        if len >= n {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the inbox of {user} never held {n} entries")
 }
 
 /// A JavaScript string literal for `s` (JSON strings are JavaScript strings).
