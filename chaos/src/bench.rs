@@ -349,13 +349,51 @@ mod tests {
         assert_eq!(instant.llm_bound(), None);
     }
 
+    fn row(sustained: f64) -> BenchRow {
+        let mut cpu: Vec<(String, Option<f64>)> = MEASURED
+            .iter()
+            .map(|c| (c.to_string(), Some(0.25)))
+            .collect();
+        cpu[6].1 = None; // no nginx
+        cpu.push(("load generator".into(), Some(0.5)));
+        BenchRow {
+            storage: Storage::Memory,
+            llm_latency_ms: 500,
+            max_in_flight: 50,
+            llm_bound: Some(100.0),
+            load: LoadReport {
+                offered_rate: 100.0,
+                users: 10,
+                protocol: Protocol::Full,
+                elapsed: Duration::from_secs(11),
+                schedule: Duration::from_secs(10),
+                throughput: sustained,
+                sustained,
+                reconnects: 0,
+                check: colloquy_testkit::checker::Report::default(),
+                timeline: Vec::new(),
+            },
+            cpu,
+        }
+    }
+
     #[test]
     fn the_header_has_a_column_for_every_cell_of_a_row() {
         let header = markdown_header();
         let columns = header.lines().next().unwrap().matches('|').count();
         let aligns = header.lines().nth(1).unwrap().matches('|').count();
         assert_eq!(columns, aligns);
-        // 12 leading figures + one per measured process + load generator + 2 totals.
-        assert_eq!(columns, 12 + MEASURED.len() + 3 + 1);
+        assert_eq!(markdown_row(&row(95.0)).matches('|').count(), columns);
+    }
+
+    #[test]
+    fn cpu_per_message_counts_the_stack_not_the_load_generator() {
+        let r = row(95.0);
+        // 7 processes at a quarter of a core each; nginx absent; the generator excluded.
+        assert!((r.stack_cores() - 1.75).abs() < 1e-9);
+        assert!((r.cpu_us_per_message().unwrap() - 1.75e6 / 95.0).abs() < 1e-6);
+        assert!(!r.saturated());
+        assert!(row(80.0).saturated());
+        assert!(markdown_row(&r).contains("95 (95 % of bound 100)"));
     }
 }
