@@ -304,12 +304,12 @@ pub async fn run_observed(
 
     // Connect everyone first: the schedule measures the system, not the set-up.
     let connect_deadline = Instant::now() + Duration::from_secs(cfg.timeout_secs.max(10));
-    let conns: Vec<Option<WsClient>> = futures::stream::iter(users.iter().enumerate())
+    let conns: Vec<Option<WsClient>> = futures::stream::iter(users.clone().into_iter().enumerate())
         .map(|(u, user)| {
             let (http, bases, base) = (http.clone(), Arc::clone(&ws_bases), cfg.http.clone());
             async move {
                 let mut index = u;
-                connect(&http, &base, &bases, &mut index, user, None, connect_deadline)
+                connect(&http, &base, &bases, &mut index, &user, None, connect_deadline)
                     .await
                     .ok()
             }
