@@ -271,9 +271,17 @@ pub fn markdown_header() -> String {
 pub fn markdown_row(r: &BenchRow) -> String {
     let c = &r.load.check;
     let pct = |x: &Option<f64>| x.map_or_else(|| "–".to_owned(), |v| format!("{:.0} %", v * 100.0));
-    let cpu: String = r.cpu.iter().map(|(_, v)| format!(" {} |", pct(v))).collect();
+    let cpu: String = r
+        .cpu
+        .iter()
+        .map(|(_, v)| format!(" {} |", pct(v)))
+        .collect();
     let sustained = match r.llm_bound {
-        Some(b) => format!("{:.0} ({:.0} % of bound {b:.0})", r.load.sustained, 100.0 * r.load.sustained / b),
+        Some(b) => format!(
+            "{:.0} ({:.0} % of bound {b:.0})",
+            r.load.sustained,
+            100.0 * r.load.sustained / b
+        ),
         None => format!("{:.0}", r.load.sustained),
     };
     format!(

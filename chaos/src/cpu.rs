@@ -33,7 +33,11 @@ pub fn ticks(pids: &[u32]) -> HashMap<u32, u64> {
         return own;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(text) = std::fs::read_to_string(entry.path().join("stat")) else {
@@ -69,7 +73,8 @@ mod tests {
 
     #[test]
     fn fields_are_counted_from_the_last_parenthesis() {
-        let stat = "4242 (tokio-rt (x) 1) S 17 4242 17 0 -1 4194560 1 0 0 0 250 75 0 0 20 0 9 0 100 1 1";
+        let stat =
+            "4242 (tokio-rt (x) 1) S 17 4242 17 0 -1 4194560 1 0 0 0 250 75 0 0 20 0 9 0 100 1 1";
         assert_eq!(parse_stat(stat), Some((17, 325)));
         assert_eq!(parse_stat("garbage"), None);
         assert_eq!(parse_stat("1 (init) S"), None);

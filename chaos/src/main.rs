@@ -192,7 +192,8 @@ async fn run_mode(mode: Mode) -> anyhow::Result<ExitCode> {
             let rows = bench::run(&cfg).await?;
             println!("{}", bench::markdown(&rows));
             if let Some(path) = json {
-                let value: Vec<serde_json::Value> = rows.iter().map(bench::BenchRow::to_json).collect();
+                let value: Vec<serde_json::Value> =
+                    rows.iter().map(bench::BenchRow::to_json).collect();
                 std::fs::write(&path, serde_json::to_string_pretty(&value)?)
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }

@@ -286,7 +286,11 @@ async fn progress(checker: &Checker, wanted: u64, load: &JoinHandle<LoadReport>)
 ///
 /// # Errors
 /// When it is not running, or does not come back.
-pub async fn inject(stack: &mut Stack, target: Component, downtime: Duration) -> anyhow::Result<()> {
+pub async fn inject(
+    stack: &mut Stack,
+    target: Component,
+    downtime: Duration,
+) -> anyhow::Result<()> {
     stack.kill9(target).await?;
     tokio::time::sleep(downtime).await;
     stack.start(target)?;

@@ -23,7 +23,11 @@ async fn soak_25k_messages_at_1000_per_second_through_four_faults() -> anyhow::R
     let report = soak::run(&cfg).await?;
     eprintln!("{}\n{}", report.table(), report.load);
     let c = &report.load.check;
-    assert!(c.sent >= 20_000, "fewer messages than the CI form promises: {}", report.load);
+    assert!(
+        c.sent >= 20_000,
+        "fewer messages than the CI form promises: {}",
+        report.load
+    );
     assert!(c.acked > 0, "nothing was acked: {}", report.load);
     assert_eq!(c.lost, 0, "acked messages were lost: {:?}", c.lost_sample);
     assert_eq!(c.duplicated, 0, "a connection saw a message twice");

@@ -298,7 +298,8 @@ impl Checker {
     pub fn timeline(&self, start: Instant, width: Duration) -> Vec<Interval> {
         let s = self.lock();
         let width_s = width.as_secs_f64().max(1e-3);
-        let slot = |at: Instant| (at.saturating_duration_since(start).as_secs_f64() / width_s) as usize;
+        let slot =
+            |at: Instant| (at.saturating_duration_since(start).as_secs_f64() / width_s) as usize;
         let mut rows: Vec<Interval> = Vec::new();
         let mut latencies: Vec<Vec<u64>> = Vec::new();
         let grow = |rows: &mut Vec<Interval>, latencies: &mut Vec<Vec<u64>>, i: usize| {

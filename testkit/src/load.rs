@@ -309,9 +309,17 @@ pub async fn run_observed(
             let (http, bases, base) = (http.clone(), Arc::clone(&ws_bases), cfg.http.clone());
             async move {
                 let mut index = u;
-                connect(&http, &base, &bases, &mut index, &user, None, connect_deadline)
-                    .await
-                    .ok()
+                connect(
+                    &http,
+                    &base,
+                    &bases,
+                    &mut index,
+                    &user,
+                    None,
+                    connect_deadline,
+                )
+                .await
+                .ok()
             }
         })
         .buffered(CONNECT_CONCURRENCY)
@@ -368,9 +376,8 @@ pub async fn run_observed(
 /// Answers per second over the whole seconds of the schedule (`None` when it is under a second).
 fn sustained_rate(timeline: &[Interval], schedule: Duration) -> Option<f64> {
     let whole = schedule.as_secs() as usize;
-    (whole > 0).then(|| {
-        timeline.iter().take(whole).map(|r| r.answered).sum::<u64>() as f64 / whole as f64
-    })
+    (whole > 0)
+        .then(|| timeline.iter().take(whole).map(|r| r.answered).sum::<u64>() as f64 / whole as f64)
 }
 
 /// Gets a token and opens a socket, retrying with backoff (moving to the next base, as a client
@@ -533,8 +540,10 @@ impl Outbox {
     /// When something next becomes due (`None`: only answers are awaited).
     fn next_wake(&self) -> Option<Instant> {
         let resend = self.resend.iter().map(|(_, at)| *at).min();
-        let scheduled = (self.next < self.total && self.window_open())
-            .then(|| self.timing.map_or_else(Instant::now, |t| t.intended(self.next)));
+        let scheduled = (self.next < self.total && self.window_open()).then(|| {
+            self.timing
+                .map_or_else(Instant::now, |t| t.intended(self.next))
+        });
         resend.into_iter().chain(scheduled).min()
     }
 
@@ -852,7 +861,10 @@ mod tests {
         let late = t0 + Duration::from_millis(250);
         // Two are due by now: both go out, each with its own intended time, none answered.
         let a = o.due(late).unwrap();
-        assert_eq!((a.n, a.intended, a.first), (0, t0 + Duration::from_millis(10), true));
+        assert_eq!(
+            (a.n, a.intended, a.first),
+            (0, t0 + Duration::from_millis(10), true)
+        );
         o.sent(a);
         let b = o.due(late).unwrap();
         assert_eq!((b.n, b.intended), (1, t0 + Duration::from_millis(110)));
