@@ -7,15 +7,22 @@
 //! - [`stack`]: the processes ([`Stack`]): start, kill -9, restart, wait until ready;
 //! - [`nginx`]: the edge configuration written for a stack;
 //! - [`scenarios`]: the scenarios and their run loop;
-//! - [`report`]: what a scenario found ([`ScenarioReport`]) and its table line.
+//! - [`report`]: what a scenario found ([`ScenarioReport`]) and its table line;
+//! - [`soak`]: open-loop load for a long while with faults on a schedule, and its verdict;
+//! - [`bench`]: the benchmark matrix (rates × LLM latency × `MAX_IN_FLIGHT`) with CPU per process;
+//! - [`cpu`]: CPU time of processes from `/proc`.
 
+pub mod bench;
 pub mod binaries;
+pub mod cpu;
 pub mod nginx;
 pub mod ports;
 pub mod report;
 pub mod scenarios;
+pub mod soak;
 pub mod stack;
 
 pub use report::ScenarioReport;
 pub use scenarios::{Scenario, ScenarioConfig};
-pub use stack::{Component, Stack, StackOptions};
+pub use soak::{SoakConfig, SoakReport};
+pub use stack::{Component, Stack, StackOptions, Storage};

@@ -1,19 +1,25 @@
 //! `colloquy-chaos`: runs chaos scenarios against real processes and prints one results-table
 //! line per scenario. Exits 1 when any scenario lost, duplicated or invented a message (or could
-//! not run to the end).
+//! not run to the end). Two more modes: `soak` (open-loop load for a long while with faults on a
+//! schedule) and `bench` (the benchmark matrix; `scripts/bench.sh` drives it).
 //!
 //! ```sh
 //! cargo build --release --bins && cargo run --release -p colloquy-chaos -- all
+//! target/release/colloquy-chaos soak --rate 1500 --duration-secs 140
+//! target/release/colloquy-chaos bench --short
 //! ```
 
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use colloquy_chaos::{ScenarioConfig, ScenarioReport, scenarios};
+use colloquy_chaos::bench::{self, BenchConfig};
+use colloquy_chaos::{ScenarioConfig, ScenarioReport, SoakConfig, Storage, scenarios, soak};
 
 /// What to run: one scenario, or all of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -47,9 +53,12 @@ impl Selection {
 #[command(
     name = "colloquy-chaos",
     version,
-    about = "Kill -9 and restart each Colloquy component under load; prove nothing acked is lost"
+    about = "Kill -9 and restart each Colloquy component under load; prove nothing acked is lost",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
     /// Scenarios to run, in order.
     #[arg(value_enum, default_value = "all")]
     scenarios: Vec<Selection>,
@@ -79,6 +88,46 @@ struct Cli {
     keep_logs: bool,
 }
 
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Open-loop load at a fixed rate for a long while through nginx, with kill -9 and restart
+    /// of the relay, the ai-consumer, a gateway, Redis (and with sqlite storage the broker) on
+    /// a schedule; a table per 10 s and the verdict.
+    Soak {
+        /// Offered rate over all users, messages per second.
+        #[arg(long, default_value_t = 1_000.0)]
+        rate: f64,
+        /// Length of the schedule, seconds.
+        #[arg(long, default_value_t = 25)]
+        duration_secs: u64,
+        #[arg(long, default_value_t = 1_000)]
+        users: usize,
+        #[arg(long, value_enum, default_value_t = Storage::Memory)]
+        storage: Storage,
+        /// How long each killed component stays down, milliseconds.
+        #[arg(long, default_value_t = 1500)]
+        downtime_ms: u64,
+        /// After the schedule, wait this long for the last answers, seconds.
+        #[arg(long, default_value_t = 90)]
+        drain_secs: u64,
+        /// Keep the stack's directory (logs, data) even when the soak passed.
+        #[arg(long)]
+        keep_logs: bool,
+    },
+    /// The benchmark matrix: offered rate × fake-LLM latency × MAX_IN_FLIGHT, with latency
+    /// percentiles and CPU per process; Markdown on stdout.
+    Bench {
+        /// The CI form (about two minutes) instead of the full matrix.
+        #[arg(long)]
+        short: bool,
+        #[arg(long, value_enum, default_value_t = Storage::Memory)]
+        storage: Storage,
+        /// Also write every run as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -88,6 +137,76 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    match cli.mode {
+        Some(mode) => match run_mode(mode).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        None => run_scenarios(&cli).await,
+    }
+}
+
+async fn run_mode(mode: Mode) -> anyhow::Result<ExitCode> {
+    match mode {
+        Mode::Soak {
+            rate,
+            duration_secs,
+            users,
+            storage,
+            downtime_ms,
+            drain_secs,
+            keep_logs,
+        } => {
+            let cfg = SoakConfig {
+                rate,
+                duration: Duration::from_secs(duration_secs),
+                users,
+                storage,
+                downtime: Duration::from_millis(downtime_ms),
+                drain: Duration::from_secs(drain_secs),
+                keep_logs,
+                ..SoakConfig::default()
+            };
+            let report = soak::run(&cfg).await?;
+            println!("{}", report.table());
+            eprintln!("{}", report.load);
+            Ok(if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Mode::Bench {
+            short,
+            storage,
+            json,
+        } => {
+            let cfg = if short {
+                BenchConfig::short(storage)
+            } else {
+                BenchConfig::full(storage)
+            };
+            let rows = bench::run(&cfg).await?;
+            println!("{}", bench::markdown(&rows));
+            if let Some(path) = json {
+                let value: Vec<serde_json::Value> =
+                    rows.iter().map(bench::BenchRow::to_json).collect();
+                std::fs::write(&path, serde_json::to_string_pretty(&value)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(if rows.iter().all(|r| r.load.check.is_clean()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+async fn run_scenarios(cli: &Cli) -> ExitCode {
     let cfg = ScenarioConfig {
         users: cli.users,
         messages: cli.messages,

@@ -283,7 +283,14 @@ async fn progress(checker: &Checker, wanted: u64, load: &JoinHandle<LoadReport>)
 }
 
 /// kill -9 `target`, leave it down for `downtime`, start it again and wait until it is ready.
-async fn inject(stack: &mut Stack, target: Component, downtime: Duration) -> anyhow::Result<()> {
+///
+/// # Errors
+/// When it is not running, or does not come back.
+pub async fn inject(
+    stack: &mut Stack,
+    target: Component,
+    downtime: Duration,
+) -> anyhow::Result<()> {
     stack.kill9(target).await?;
     tokio::time::sleep(downtime).await;
     stack.start(target)?;

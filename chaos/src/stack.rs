@@ -1,7 +1,8 @@
-//! The whole system as real processes: tansu (durable sqlite storage), Redis (append-only file,
-//! fsync on every write), the fake LLM, two gateways, the ai-consumer, the relay and, when
-//! installed, nginx in front of the gateways. Every process has its own ports and its log in the
-//! stack's directory, and can be killed with SIGKILL and started again on the same ports.
+//! The whole system as real processes: tansu (durable sqlite storage, or memory for throughput
+//! runs), Redis (append-only file, fsync on every write), the fake LLM, two gateways, the
+//! ai-consumer, the relay and, when installed, nginx in front of the gateways. Every process has
+//! its own ports and its log in the stack's directory, and can be killed with SIGKILL and started
+//! again on the same ports.
 //!
 //! Why Redis runs with `--appendonly yes --appendfsync always`: the inbox stream is the durable
 //! copy of every answer once the relay has stored its Kafka offset, and the relay's and the
@@ -60,11 +61,42 @@ impl fmt::Display for Component {
     }
 }
 
+/// Where the broker keeps its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Storage {
+    /// tansu's sqlite engine: survives a broker kill -9 (the default, and `scripts/stack.sh`'s).
+    Sqlite,
+    /// tansu's memory engine: fast, forgets everything when the broker stops
+    /// (`KAFKA_STORAGE=memory`, what throughput runs use).
+    Memory,
+}
+
+impl Storage {
+    /// tansu's `--storage-engine` (sqlite paths are relative to the broker's directory).
+    fn engine_url(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite://tansu.db",
+            Self::Memory => "memory://tansu/",
+        }
+    }
+}
+
+impl fmt::Display for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Sqlite => "sqlite",
+            Self::Memory => "memory",
+        })
+    }
+}
+
 /// What a stack runs with, beyond the defaults.
 #[derive(Clone, Debug)]
 pub struct StackOptions {
     /// Short name, part of the stack directory's name.
     pub name: String,
+    /// The broker's storage engine.
+    pub storage: Storage,
     /// Put nginx in front of the gateways when it is installed (clients then use only nginx).
     pub nginx: bool,
     /// Environment of the fake LLM (`FAKE_LLM_*`).
@@ -79,6 +111,7 @@ impl Default for StackOptions {
     fn default() -> Self {
         Self {
             name: "stack".into(),
+            storage: Storage::Sqlite,
             nginx: true,
             // An answer takes ~100 ms (50 ms to the first token, 8 tokens at 200/s), so a kill
             // always finds calls in flight and deltas streaming.
@@ -326,7 +359,7 @@ impl Stack {
             "--advertised-listener-url",
             &kafka_url,
             "--storage-engine",
-            "sqlite://tansu.db",
+            opts.storage.engine_url(),
         ])
         .envs([env(
             "RUST_LOG",
@@ -632,6 +665,18 @@ impl Stack {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The process id of `c`, while it runs.
+    #[must_use]
+    pub fn pid(&self, c: Component) -> Option<u32> {
+        self.procs.get(&c)?.child.as_ref()?.id()
+    }
+
+    /// Every process of this stack.
+    #[must_use]
+    pub fn components(&self) -> Vec<Component> {
+        self.procs.keys().copied().collect()
     }
 
     /// Every process that is not running, with its exit status.

@@ -1,0 +1,407 @@
+//! The benchmark: a matrix of open-loop runs against a real stack (fake-LLM latency ×
+//! `MAX_IN_FLIGHT` × offered rate), each with its latency percentiles (from the intended send
+//! time), the rate sustained while sending, and each process's CPU while sending; written as
+//! Markdown (a table and a text plot of p99 against offered load) for `docs/performance.md`.
+//!
+//! One stack per (LLM latency, `MAX_IN_FLIGHT`) pair, since both are process settings; the rates
+//! of a pair run one after the other on the same stack, with fresh users each time. A pair stops
+//! at the first rate it cannot sustain (answered < 90 % of offered while sending): higher rates
+//! would only queue longer.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use colloquy_testkit::checker::Checker;
+use colloquy_testkit::load::{self, LoadConfig, LoadReport, Protocol, fmt_ms};
+
+use crate::cpu;
+use crate::stack::{Component, Stack, StackOptions, Storage, env};
+
+/// One stack configuration and the rates it is offered.
+#[derive(Clone, Debug)]
+pub struct BenchCase {
+    /// The fake LLM's time to the first token (its 8 tokens follow at once).
+    pub llm_latency_ms: u64,
+    /// The ai-consumer's `MAX_IN_FLIGHT`.
+    pub max_in_flight: usize,
+    /// Offered rates, rising.
+    pub rates: Vec<f64>,
+}
+
+impl BenchCase {
+    /// The LLM-bound ceiling, `MAX_IN_FLIGHT / latency` (none at 0 ms).
+    #[must_use]
+    pub fn llm_bound(&self) -> Option<f64> {
+        (self.llm_latency_ms > 0)
+            .then(|| self.max_in_flight as f64 * 1_000.0 / self.llm_latency_ms as f64)
+    }
+}
+
+/// The matrix.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub storage: Storage,
+    /// Simulated users of every run.
+    pub users: usize,
+    /// Length of each run's schedule.
+    pub step: Duration,
+    pub cases: Vec<BenchCase>,
+}
+
+impl BenchConfig {
+    /// A couple of minutes: three rates at 0 ms, one LLM-bound run.
+    #[must_use]
+    pub fn short(storage: Storage) -> Self {
+        Self {
+            storage,
+            users: 500,
+            step: Duration::from_secs(8),
+            cases: vec![
+                BenchCase {
+                    llm_latency_ms: 0,
+                    max_in_flight: 50,
+                    rates: vec![250.0, 500.0, 1_000.0],
+                },
+                BenchCase {
+                    llm_latency_ms: 500,
+                    max_in_flight: 50,
+                    rates: vec![90.0],
+                },
+            ],
+        }
+    }
+
+    /// The full matrix (about ten minutes on two cores).
+    #[must_use]
+    pub fn full(storage: Storage) -> Self {
+        Self {
+            storage,
+            users: 1_000,
+            step: Duration::from_secs(15),
+            cases: vec![
+                BenchCase {
+                    llm_latency_ms: 0,
+                    max_in_flight: 50,
+                    rates: vec![250.0, 500.0, 1_000.0, 1_500.0, 2_000.0, 3_000.0, 4_000.0],
+                },
+                BenchCase {
+                    llm_latency_ms: 500,
+                    max_in_flight: 50,
+                    rates: vec![50.0, 90.0, 150.0],
+                },
+                BenchCase {
+                    llm_latency_ms: 500,
+                    max_in_flight: 500,
+                    rates: vec![500.0, 900.0, 1_500.0],
+                },
+                BenchCase {
+                    llm_latency_ms: 500,
+                    max_in_flight: 2_000,
+                    rates: vec![1_000.0, 2_000.0, 3_600.0],
+                },
+            ],
+        }
+    }
+}
+
+/// The processes whose CPU is reported, in table order.
+const MEASURED: [Component; 8] = [
+    Component::Broker,
+    Component::Redis,
+    Component::Gateway(0),
+    Component::Gateway(1),
+    Component::Consumer,
+    Component::Relay,
+    Component::Nginx,
+    Component::FakeLlm,
+];
+
+/// One run of the matrix.
+#[derive(Clone, Debug)]
+pub struct BenchRow {
+    pub storage: Storage,
+    pub llm_latency_ms: u64,
+    pub max_in_flight: usize,
+    pub llm_bound: Option<f64>,
+    pub load: LoadReport,
+    /// Cores used while sending, per process of [`MEASURED`] (absent: not running) and, last,
+    /// this process (the load generator).
+    pub cpu: Vec<(String, Option<f64>)>,
+}
+
+impl BenchRow {
+    fn stack_cores(&self) -> f64 {
+        self.cpu
+            .iter()
+            .filter(|(name, _)| name != "load generator")
+            .filter_map(|(_, c)| *c)
+            .sum()
+    }
+
+    /// CPU-µs the stack spent per message answered while sending.
+    fn cpu_us_per_message(&self) -> Option<f64> {
+        (self.load.sustained > 0.0).then(|| self.stack_cores() * 1e6 / self.load.sustained)
+    }
+
+    fn saturated(&self) -> bool {
+        self.load.sustained < 0.9 * self.load.offered_rate
+    }
+
+    #[must_use]
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "storage": self.storage.to_string(),
+            "llm_latency_ms": self.llm_latency_ms,
+            "max_in_flight": self.max_in_flight,
+            "llm_bound": self.llm_bound,
+            "cpu_cores": self.cpu.iter().map(|(n, c)| (n.clone(), *c)).collect::<HashMap<_, _>>(),
+            "cpu_us_per_message": self.cpu_us_per_message(),
+            "load": self.load.to_json(),
+        })
+    }
+}
+
+/// Runs the matrix; prints each row on stderr as it ends.
+///
+/// # Errors
+/// When a stack cannot start.
+pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    for case in &cfg.cases {
+        let opts = StackOptions {
+            name: format!("bench-{}ms-{}", case.llm_latency_ms, case.max_in_flight),
+            storage: cfg.storage,
+            fake_llm_env: vec![
+                env("FAKE_LLM_LATENCY_MS", &case.llm_latency_ms.to_string()),
+                env("FAKE_LLM_TOKENS_PER_SEC", "0"),
+            ],
+            consumer_env: vec![env("MAX_IN_FLIGHT", &case.max_in_flight.to_string())],
+            ..StackOptions::default()
+        };
+        let stack = Stack::launch(opts).await.context("bench stack")?;
+        for &rate in &case.rates {
+            let row = step(cfg, case, &stack, rate).await;
+            eprintln!("{}", markdown_row(&row));
+            let saturated = row.saturated();
+            rows.push(row);
+            if saturated {
+                break;
+            }
+        }
+    }
+    Ok(rows)
+}
+
+async fn step(cfg: &BenchConfig, case: &BenchCase, stack: &Stack, rate: f64) -> BenchRow {
+    let mut load_cfg = LoadConfig {
+        http: stack.http_base(),
+        ws: stack.ws_bases(),
+        users: cfg.users,
+        messages: 1,
+        window: 0,
+        rate,
+        protocol: Protocol::Full,
+        timeout_secs: 120,
+        user_prefix: format!("bench-{rate:.0}"),
+    };
+    load_cfg.messages = load_cfg.messages_for(cfg.step.as_secs_f64());
+    let schedule = load_cfg.schedule();
+    let mut pids: Vec<(String, Option<u32>)> = MEASURED
+        .iter()
+        .map(|c| (c.to_string(), stack.pid(*c)))
+        .collect();
+    pids.push(("load generator".into(), Some(std::process::id())));
+    let all: Vec<u32> = pids.iter().filter_map(|(_, p)| *p).collect();
+
+    // CPU over the schedule: read at its start and at its end.
+    let (start_tx, start_rx) = tokio::sync::oneshot::channel::<Instant>();
+    let sampler = {
+        let all = all.clone();
+        tokio::spawn(async move {
+            let t0 = start_rx.await.ok()?;
+            tokio::time::sleep_until(t0.into()).await;
+            let before = cpu::ticks(&all);
+            let began = Instant::now();
+            tokio::time::sleep(schedule).await;
+            let after = cpu::ticks(&all);
+            Some((before, after, began.elapsed().as_secs_f64()))
+        })
+    };
+    let load = load::run_observed(load_cfg, Arc::new(Checker::default()), move |t0| {
+        let _ = start_tx.send(t0);
+    })
+    .await;
+    let sampled = sampler.await.ok().flatten();
+    let cpu = pids
+        .into_iter()
+        .map(|(name, pid)| {
+            let figure = pid.zip(sampled.as_ref()).and_then(|(pid, (b, a, secs))| {
+                Some(cpu::cores(*b.get(&pid)?, *a.get(&pid)?, *secs))
+            });
+            (name, figure)
+        })
+        .collect();
+    BenchRow {
+        storage: cfg.storage,
+        llm_latency_ms: case.llm_latency_ms,
+        max_in_flight: case.max_in_flight,
+        llm_bound: case.llm_bound(),
+        load,
+        cpu,
+    }
+}
+
+/// The table's header.
+#[must_use]
+pub fn markdown_header() -> String {
+    let cpu: String = MEASURED.iter().map(|c| format!(" {c} |")).collect();
+    let cpu_align: String = MEASURED.iter().map(|_| "---:|").collect();
+    format!(
+        "| storage | LLM | MAX_IN_FLIGHT | offered | answered/s while sending | lost | ack p99 | answer p50 | p90 | p99 | p99.9 | max |{cpu} load generator | stack cores | CPU-µs/msg |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{cpu_align}---:|---:|---:|"
+    )
+}
+
+/// One run's line of the table (CPU as % of one core).
+#[must_use]
+pub fn markdown_row(r: &BenchRow) -> String {
+    let c = &r.load.check;
+    let pct = |x: &Option<f64>| x.map_or_else(|| "–".to_owned(), |v| format!("{:.0} %", v * 100.0));
+    let cpu: String = r
+        .cpu
+        .iter()
+        .map(|(_, v)| format!(" {} |", pct(v)))
+        .collect();
+    let sustained = match r.llm_bound {
+        Some(b) => format!(
+            "{:.0} ({:.0} % of bound {b:.0})",
+            r.load.sustained,
+            100.0 * r.load.sustained / b
+        ),
+        None => format!("{:.0}", r.load.sustained),
+    };
+    format!(
+        "| {} | {} ms | {} | {:.0}/s | {} | {} | {} | {} | {} | {} | {} | {} |{cpu} {:.2} | {} |",
+        r.storage,
+        r.llm_latency_ms,
+        r.max_in_flight,
+        r.load.offered_rate,
+        sustained,
+        c.lost,
+        fmt_ms(c.ack.p99_ms),
+        fmt_ms(c.answer.p50_ms),
+        fmt_ms(c.answer.p90_ms),
+        fmt_ms(c.answer.p99_ms),
+        fmt_ms(c.answer.p999_ms),
+        fmt_ms(c.answer.max_ms),
+        r.stack_cores(),
+        r.cpu_us_per_message()
+            .map_or_else(|| "–".to_owned(), |v| format!("{v:.0}"))
+    )
+}
+
+/// p99 against offered load, one bar per run on a log scale from 1 ms to 100 s.
+#[must_use]
+pub fn text_plot(rows: &[BenchRow]) -> String {
+    const WIDTH: f64 = 50.0;
+    let mut out = String::from("answer p99 (log scale: 1 ms … 100 s)\n");
+    for r in rows {
+        let p99 = r.load.check.answer.p99_ms.max(1.0);
+        let bar = ((p99.log10() / 5.0) * WIDTH).round().clamp(0.0, WIDTH) as usize;
+        let _ = writeln!(
+            out,
+            "{:>3} ms LLM, MIF {:>4}, {:>5.0}/s |{:<50}| {}",
+            r.llm_latency_ms,
+            r.max_in_flight,
+            r.load.offered_rate,
+            "#".repeat(bar),
+            fmt_ms(r.load.check.answer.p99_ms)
+        );
+    }
+    out
+}
+
+/// The whole report: table and plot.
+#[must_use]
+pub fn markdown(rows: &[BenchRow]) -> String {
+    let mut out = markdown_header();
+    out.push('\n');
+    for r in rows {
+        out.push_str(&markdown_row(r));
+        out.push('\n');
+    }
+    let _ = write!(out, "\n```text\n{}```\n", text_plot(rows));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_llm_bound_is_max_in_flight_over_latency() {
+        let case = BenchCase {
+            llm_latency_ms: 500,
+            max_in_flight: 50,
+            rates: vec![],
+        };
+        assert_eq!(case.llm_bound(), Some(100.0));
+        let instant = BenchCase {
+            llm_latency_ms: 0,
+            ..case
+        };
+        assert_eq!(instant.llm_bound(), None);
+    }
+
+    fn row(sustained: f64) -> BenchRow {
+        let mut cpu: Vec<(String, Option<f64>)> = MEASURED
+            .iter()
+            .map(|c| (c.to_string(), Some(0.25)))
+            .collect();
+        cpu[6].1 = None; // no nginx
+        cpu.push(("load generator".into(), Some(0.5)));
+        BenchRow {
+            storage: Storage::Memory,
+            llm_latency_ms: 500,
+            max_in_flight: 50,
+            llm_bound: Some(100.0),
+            load: LoadReport {
+                offered_rate: 100.0,
+                users: 10,
+                protocol: Protocol::Full,
+                elapsed: Duration::from_secs(11),
+                schedule: Duration::from_secs(10),
+                throughput: sustained,
+                sustained,
+                reconnects: 0,
+                check: colloquy_testkit::checker::Report::default(),
+                timeline: Vec::new(),
+            },
+            cpu,
+        }
+    }
+
+    #[test]
+    fn the_header_has_a_column_for_every_cell_of_a_row() {
+        let header = markdown_header();
+        let columns = header.lines().next().unwrap().matches('|').count();
+        let aligns = header.lines().nth(1).unwrap().matches('|').count();
+        assert_eq!(columns, aligns);
+        assert_eq!(markdown_row(&row(95.0)).matches('|').count(), columns);
+    }
+
+    #[test]
+    fn cpu_per_message_counts_the_stack_not_the_load_generator() {
+        let r = row(95.0);
+        // 7 processes at a quarter of a core each; nginx absent; the generator excluded.
+        assert!((r.stack_cores() - 1.75).abs() < 1e-9);
+        assert!((r.cpu_us_per_message().unwrap() - 1.75e6 / 95.0).abs() < 1e-6);
+        assert!(!r.saturated());
+        assert!(row(80.0).saturated());
+        assert!(markdown_row(&r).contains("95 (95 % of bound 100)"));
+    }
+}
