@@ -234,7 +234,10 @@ mod tests {
                             ProtoKind::Producer,
                             vec![
                                 kv("messaging.system", Value::StringValue("kafka".into())),
-                                kv("messaging.destination.partition.id", Value::StringValue("3".into())),
+                                kv(
+                                    "messaging.destination.partition.id",
+                                    Value::StringValue("3".into()),
+                                ),
                             ],
                         ),
                         span(
@@ -275,7 +278,8 @@ mod tests {
         let chat = &spans[1];
         assert_eq!(chat.kind, SpanKind::Client);
         assert_eq!(
-            chat.attr("gen_ai.usage.input_tokens").and_then(AttrValue::as_i64),
+            chat.attr("gen_ai.usage.input_tokens")
+                .and_then(AttrValue::as_i64),
             Some(12)
         );
         assert_eq!(chat.attr("retried"), Some(&AttrValue::Bool(false)));

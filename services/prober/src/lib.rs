@@ -46,9 +46,10 @@ impl Application {
         colloquy_core::metrics::record_build_info("prober");
         events::register_zero_series();
         let stop = CancellationToken::new();
-        let metrics_addr = colloquy_core::admin::serve(settings.prober.metrics_listen, stop.clone())
-            .await
-            .with_context(|| format!("bind metrics on {}", settings.prober.metrics_listen))?;
+        let metrics_addr =
+            colloquy_core::admin::serve(settings.prober.metrics_listen, stop.clone())
+                .await
+                .with_context(|| format!("bind metrics on {}", settings.prober.metrics_listen))?;
         let prober = Prober::new(settings.prober).context("HTTP client")?;
         Ok(Self {
             prober,

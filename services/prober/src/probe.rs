@@ -111,7 +111,8 @@ impl Prober {
         let msg_id = format!("probe-{}", uuid::Uuid::now_v7());
         let mut tracker =
             ProbeTracker::new(&msg_id, self.cfg.ack_timeout(), self.cfg.answer_timeout());
-        let frame = serde_json::json!({"type": "message", "id": msg_id, "content": self.cfg.message});
+        let frame =
+            serde_json::json!({"type": "message", "id": msg_id, "content": self.cfg.message});
         let sent = Instant::now();
         if let Err(e) = ws.send(Message::Text(frame.to_string().into())).await {
             return ProbeReport::failed_before_send(Outcome::Error, format!("send: {e}"));

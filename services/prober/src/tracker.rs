@@ -295,7 +295,10 @@ mod tests {
         assert_eq!(r.first_delta, Some(ms(50)));
         assert_eq!(r.answer, Some(ms(70)));
         assert_eq!(
-            r.latencies().iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+            r.latencies()
+                .iter()
+                .map(|(s, _)| s.as_str())
+                .collect::<Vec<_>>(),
             ["ack", "first_delta", "answer"]
         );
     }
@@ -371,7 +374,10 @@ mod tests {
     #[test]
     fn malformed_frames_and_closes_are_errors() {
         let mut t = tracker();
-        assert_eq!(finished(t.on_text("not json", ms(1))).outcome, Outcome::Error);
+        assert_eq!(
+            finished(t.on_text("not json", ms(1))).outcome,
+            Outcome::Error
+        );
         let t = tracker();
         let r = finished(t.on_closed("1012 gateway restarting"));
         assert_eq!(r.outcome, Outcome::Error);

@@ -10,8 +10,13 @@ use tokio_util::sync::CancellationToken;
 
 /// The value of the first sample whose line starts with `series` (name and labels, exactly).
 fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 async fn scrape(http: &reqwest::Client, port: u16) -> String {
@@ -74,7 +79,10 @@ async fn exports_success_then_failure_when_the_relay_stops() {
         );
     }
     assert_eq!(
-        sample(&text, "colloquy_build_info{service=\"prober\",version=\"0.1.0\"}"),
+        sample(
+            &text,
+            "colloquy_build_info{service=\"prober\",version=\"0.1.0\"}"
+        ),
         Some(1.0),
         "{text}"
     );

@@ -19,7 +19,10 @@ async fn probe_needs_the_admin_token_succeeds_with_it_and_reports_a_stopped_cons
         .await
         .expect("stack");
 
-    let without = Prober::new(config(app.http_base(0))).unwrap().probe_once().await;
+    let without = Prober::new(config(app.http_base(0)))
+        .unwrap()
+        .probe_once()
+        .await;
     assert_eq!(without.outcome, Outcome::Error, "{without:?}");
     assert!(without.detail.contains("401"), "{}", without.detail);
 
@@ -40,7 +43,10 @@ async fn probe_needs_the_admin_token_succeeds_with_it_and_reports_a_stopped_cons
     cfg.answer_timeout_ms = 3_000;
     let stalled = Prober::new(cfg).unwrap().probe_once().await;
     assert_eq!(stalled.outcome, Outcome::NoAnswer, "{stalled:?}");
-    assert!(stalled.ack.is_some() && stalled.answer.is_none(), "{stalled:?}");
+    assert!(
+        stalled.ack.is_some() && stalled.answer.is_none(),
+        "{stalled:?}"
+    );
 
     // The restarted consumer answers the stalled message and the next probe's.
     app.start_consumer().await.unwrap();
