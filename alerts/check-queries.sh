@@ -18,6 +18,8 @@
 #       must have series there (so a renamed metric or a wrong job fails), and the queries that
 #       return nothing are listed. --require-data also fails on those (expect some: failure
 #       outcomes, DLQ writes and offset gaps have no series on a healthy stack).
+#       --allow-missing NAME (repeatable) tolerates a metric the target does not scrape, e.g.
+#       probe_success where no blackbox exporter runs.
 #
 # Exits non-zero when any query is rejected, any rule is unhealthy, or (live) a metric is missing.
 # Needs python3, and prometheus on PATH for the throwaway mode.
@@ -27,10 +29,12 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PORT="${CHECK_QUERIES_PORT:-19090}"
 LIVE=""
 REQUIRE_DATA=0
+ALLOW_MISSING=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --prometheus) LIVE="${2:?--prometheus needs a URL}"; shift 2 ;;
     --require-data) REQUIRE_DATA=1; shift ;;
+    --allow-missing) ALLOW_MISSING="$ALLOW_MISSING ${2:?--allow-missing needs a metric name}"; shift 2 ;;
     -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "check-queries: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -79,10 +83,11 @@ else
   MODE=live
 fi
 
-python3 - "$REPO" "${LIVE%/}" "$MODE" "$REQUIRE_DATA" <<'PY'
+python3 - "$REPO" "${LIVE%/}" "$MODE" "$REQUIRE_DATA" "$ALLOW_MISSING" <<'PY'
 import glob, json, os, re, sys, time, urllib.error, urllib.parse, urllib.request
 
 repo, base, mode, require_data = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+allow_missing = set(sys.argv[5].split())
 VARS = {"$__rate_interval": "1m", "${__rate_interval}": "1m", "$__interval": "1m",
         "${__interval}": "1m", "$__range": "1h", "${__range}": "1h"}
 
@@ -216,7 +221,7 @@ for r in rules:
 # 3. Live: every metric the queries name must have series (histograms: their _bucket/_count).
 missing = []
 if mode == "live":
-    for name in sorted(metric_names):
+    for name in sorted(metric_names - allow_missing):
         body = get("/api/v1/query", query=f'count({{__name__=~"{name}(_bucket|_count|_sum)?"}})')
         if body.get("status") != "success" or not body["data"]["result"]:
             missing.append(name)

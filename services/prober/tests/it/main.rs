@@ -3,3 +3,4 @@
 
 mod application;
 mod probe;
+mod slo_drill;
