@@ -22,7 +22,9 @@ pub struct ProbeFinished<'a> {
 impl ProbeFinished<'_> {
     pub fn emit(&self) {
         let r = self.report;
-        let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis());
+        let ms = |d: Option<std::time::Duration>| {
+            d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        };
         if r.outcome == Outcome::Success {
             tracing::info!(
                 userid = self.userid,
