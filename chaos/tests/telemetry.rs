@@ -9,7 +9,7 @@ use colloquy_chaos::stack::{Stack, StackOptions, env};
 use colloquy_core::metrics::missing_from;
 use colloquy_core::wire::ServerFrame;
 use colloquy_testkit::client::{WsClient, fetch_token};
-use colloquy_testkit::otlp::{OtlpReceiver, ReceivedSpan};
+use colloquy_testkit::otlp::{AttrValue, OtlpReceiver, ReceivedSpan, SpanKind};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -91,6 +91,37 @@ async fn one_message_is_one_trace_across_three_processes_and_each_exposes_its_me
     parent_of("kafka.produce", "ai_consumer.process");
     parent_of("relay.deliver", "kafka.produce");
     parent_of("gateway.deliver", "relay.deliver");
+
+    // Span kinds and attributes survive the export (the receiver keeps them).
+    for (name, kind) in [
+        ("gateway.message", SpanKind::Producer),
+        ("ai_consumer.process", SpanKind::Consumer),
+        ("llm.chat", SpanKind::Client),
+        ("kafka.produce", SpanKind::Producer),
+        ("relay.deliver", SpanKind::Consumer),
+        ("gateway.deliver", SpanKind::Consumer),
+    ] {
+        assert_eq!(span(name).kind, kind, "kind of {name}: {:#?}", span(name));
+    }
+    for name in ["gateway.message", "relay.deliver", "gateway.deliver"] {
+        assert_eq!(
+            span(name).attr("msg_id").and_then(AttrValue::as_str),
+            Some("trace-1"),
+            "msg_id of {name}: {:#?}",
+            span(name)
+        );
+        assert_eq!(
+            span(name).attr("userid").and_then(AttrValue::as_str),
+            Some("traced_user"),
+            "userid of {name}"
+        );
+    }
+    assert_eq!(
+        span("kafka.produce")
+            .attr("messaging.system")
+            .and_then(AttrValue::as_str),
+        Some("kafka")
+    );
 
     // One message through every gateway, so each has a latency to report.
     for (n, (_, url)) in stack

@@ -1,9 +1,12 @@
 //! Checks the observability assets against the metrics contract: dashboards (`dashboards/`),
 //! alert rules and their promtool tests (`alerts/`) and the runbook (`docs/runbook.md`) may name
 //! only metrics of [`CONTRACT`], every alert must be actionable (severity, summary, description,
-//! a runbook section that exists) and tested both firing and quiet, and every dashboard panel
-//! must query something. YAML is scanned as text on purpose: the crate has no YAML dependency,
-//! and the rule files keep one `key: value` per line.
+//! a `runbook_url` section that exists) and tested both firing and quiet, every dashboard panel
+//! must query something, each SLO of `docs/slo.md` has its SLI recorded over every burn-rate
+//! window and a paging and a ticket alert, the per-service dashboards can be narrowed by job and
+//! instance, and Alertmanager (`infra/alertmanager.yml`) routes every severity and silences lag
+//! alerts while the broker is down. YAML is scanned as text on purpose: the crate has no YAML
+//! dependency, and the rule files keep one `key: value` per line.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -459,17 +462,17 @@ fn every_alert_is_actionable_and_its_runbook_section_exists() {
             matches!(severity, Some("critical" | "warning" | "info")),
             "{at}: severity label must be critical, warning or info, not {severity:?}"
         );
-        for key in ["summary", "description", "runbook"] {
+        for key in ["summary", "description", "runbook_url"] {
             assert!(
                 a.fields.get(key).is_some_and(|v| !v.is_empty()),
                 "{at}: no {key} annotation"
             );
         }
-        let runbook_link = &a.fields["runbook"];
+        let runbook_link = &a.fields["runbook_url"];
         let anchor = runbook_link
             .strip_prefix("docs/runbook.md#")
             .unwrap_or_else(|| {
-                panic!("{at}: runbook {runbook_link:?} must point at docs/runbook.md#<anchor>")
+                panic!("{at}: runbook_url {runbook_link:?} must point at docs/runbook.md#<anchor>")
             });
         assert!(
             anchors.contains(anchor),
@@ -549,5 +552,216 @@ fn promtool_accepts_rules_and_their_tests() {
     let tests = rule_test_files();
     if !tests.is_empty() {
         run(&["test", "rules"], &tests);
+    }
+}
+
+/// The burn-rate windows of the SRE workbook's multi-window, multi-burn-rate alerts.
+const SLO_WINDOWS: [&str; 7] = ["5m", "30m", "1h", "2h", "6h", "1d", "3d"];
+
+/// (SLI recording-rule stem, alert-name stem) of each SLO in `docs/slo.md`.
+const SLOS: [(&str, &str); 3] = [
+    (
+        "colloquy:sli_availability:error_ratio_",
+        "ColloquyAvailabilityBudgetBurn",
+    ),
+    (
+        "colloquy:sli_e2e_latency:error_ratio_",
+        "ColloquyE2ELatencyBudgetBurn",
+    ),
+    (
+        "colloquy:sli_first_delta_latency:error_ratio_",
+        "ColloquyFirstDeltaLatencyBudgetBurn",
+    ),
+];
+
+#[test]
+fn every_slo_is_recorded_over_every_window_with_a_page_and_a_ticket() {
+    let rules: String = rule_files().iter().map(|p| read(p)).collect();
+    let recorded: BTreeSet<String> = recording_rule_names(&rules).into_iter().collect();
+    let alerts: Vec<Alert> = rule_files().iter().flat_map(|p| parse_alerts(p)).collect();
+    let slo_doc = read(&repo_root().join("docs/slo.md"));
+    for (sli, alert) in SLOS {
+        for w in SLO_WINDOWS {
+            assert!(
+                recorded.contains(&format!("{sli}{w}")),
+                "no recording rule {sli}{w}"
+            );
+        }
+        for (suffix, severity, windows) in [
+            ("Fast", "critical", ["1h", "5m", "6h", "30m"]),
+            ("Slow", "warning", ["1d", "2h", "3d", "6h"]),
+        ] {
+            let name = format!("{alert}{suffix}");
+            let a = alerts
+                .iter()
+                .find(|a| a.name == name)
+                .unwrap_or_else(|| panic!("no alert {name}"));
+            assert_eq!(
+                a.fields.get("severity").map(String::as_str),
+                Some(severity),
+                "{name}"
+            );
+            let expr: String = rules
+                .split(&format!("- alert: {name}"))
+                .nth(1)
+                .and_then(|rest| rest.split("annotations:").next())
+                .unwrap_or_default()
+                .to_owned();
+            for w in windows {
+                assert!(
+                    expr.contains(&format!("{sli}{w} ")),
+                    "{name} does not read {sli}{w}"
+                );
+            }
+        }
+        assert!(slo_doc.contains(alert), "docs/slo.md does not name {alert}");
+    }
+}
+
+#[test]
+fn per_service_dashboards_have_job_and_instance_variables_and_a_heatmap() {
+    let dir = repo_root().join("dashboards");
+    for (file, service) in [
+        ("colloquy-gateway.json", "gateway"),
+        ("colloquy-ai-consumer.json", "ai-consumer"),
+        ("colloquy-relay.json", "relay"),
+        ("colloquy-kafka-redis.json", "relay"),
+    ] {
+        let dash = parse_dashboard(&dir.join(file));
+        let vars = dash
+            .pointer("/templating/list")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for name in ["job", "instance"] {
+            let var = vars
+                .iter()
+                .find(|v| v.get("name").and_then(Value::as_str) == Some(name))
+                .unwrap_or_else(|| panic!("{file}: no ${name} variable"));
+            let query = var.get("definition").and_then(Value::as_str).unwrap_or("");
+            assert!(
+                query.starts_with("label_values(") && query.contains(service),
+                "{file}: ${name} is {query:?}"
+            );
+        }
+        let all = panels(&dash);
+        assert!(
+            all.iter()
+                .any(|p| p.get("type").and_then(Value::as_str) == Some("heatmap")),
+            "{file}: no latency heatmap"
+        );
+        for p in all {
+            if p.get("type").and_then(Value::as_str) == Some("row") {
+                continue;
+            }
+            for t in p
+                .get("targets")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let expr = t.get("expr").and_then(Value::as_str).unwrap_or_default();
+                assert!(
+                    expr.contains("job=~\"$job\"") && expr.contains("instance=~\"$instance\""),
+                    "{file}: panel {:?} ignores $job/$instance: {expr}",
+                    p.get("title")
+                );
+            }
+        }
+    }
+    let slo = read(&dir.join("colloquy-slo.json"));
+    for needle in ["budget left", "burn rate", "colloquy_probe_success"] {
+        assert!(slo.contains(needle), "colloquy-slo.json lacks {needle}");
+    }
+}
+
+#[test]
+fn alertmanager_routes_every_severity_and_silences_lag_while_the_broker_is_down() {
+    let am = read(&repo_root().join("infra/alertmanager.yml"));
+    for (severity, receiver) in [
+        ("critical", "page"),
+        ("warning", "ticket"),
+        ("info", "blackhole"),
+    ] {
+        let route = format!("- matchers: ['severity=\"{severity}\"']\n      receiver: {receiver}");
+        assert!(am.contains(&route), "alertmanager.yml: no route {route:?}");
+        assert!(
+            am.contains(&format!("- name: {receiver}")),
+            "alertmanager.yml: no receiver {receiver}"
+        );
+    }
+    let alerts: BTreeSet<String> = rule_files()
+        .iter()
+        .flat_map(|p| parse_alerts(p))
+        .map(|a| a.name)
+        .collect();
+    let inhibit = am.split("inhibit_rules:").nth(1).unwrap_or_default();
+    let inhibit = inhibit.split("receivers:").next().unwrap_or_default();
+    assert!(
+        inhibit.contains("source_matchers: ['alertname=\"ColloquyKafkaBrokerDown\"']"),
+        "no inhibition by ColloquyKafkaBrokerDown"
+    );
+    for lag in ["ColloquyConsumerLagHigh", "ColloquyConsumerLagGrowing"] {
+        assert!(inhibit.contains(lag), "broker down does not silence {lag}");
+    }
+    // Every alert name the inhibitions mention exists.
+    for token in inhibit.split(|c: char| !c.is_ascii_alphanumeric()) {
+        if token.starts_with("Colloquy") {
+            assert!(
+                alerts.contains(token),
+                "inhibit_rules name {token}, which is no alert"
+            );
+        }
+    }
+    let prom = read(&repo_root().join("infra/prometheus.yml"));
+    for needle in [
+        "- ../alerts/*.yml",
+        "job_name: prober",
+        "job_name: kafka-broker",
+        "targets: [\"127.0.0.1:9093\"]",
+    ] {
+        assert!(
+            prom.contains(needle),
+            "infra/prometheus.yml lacks `{needle}`"
+        );
+    }
+}
+
+/// `amtool check-config` and a routing test per severity, when amtool is installed.
+#[test]
+fn amtool_accepts_the_alertmanager_config() {
+    if Command::new("amtool").arg("--version").output().is_err() {
+        eprintln!("note: amtool is not on PATH; skipping `amtool check-config`");
+        return;
+    }
+    let root = repo_root();
+    let out = Command::new("amtool")
+        .args(["check-config", "infra/alertmanager.yml"])
+        .current_dir(&root)
+        .output()
+        .expect("run amtool");
+    assert!(
+        out.status.success(),
+        "amtool check-config failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (severity, receiver) in [("critical", "page"), ("warning", "ticket")] {
+        let out = Command::new("amtool")
+            .args([
+                "config",
+                "routes",
+                "test",
+                "--config.file=infra/alertmanager.yml",
+                &format!("severity={severity}"),
+            ])
+            .current_dir(&root)
+            .output()
+            .expect("run amtool");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            receiver,
+            "severity={severity} routes elsewhere"
+        );
     }
 }
