@@ -14,7 +14,7 @@ TANSU_FEATURES="libsql,dynostore"
 # Debian packages: the runtime services and what the workspace build needs
 # (rdkafka builds librdkafka from source with gcc/make/perl; libz-sys wants zlib + pkg-config).
 APT_PACKAGES=(
-  redis-server redis-tools nginx-light prometheus chromium
+  redis-server redis-tools nginx-light prometheus prometheus-alertmanager chromium
   build-essential pkg-config perl python3 zlib1g-dev libssl-dev curl ca-certificates procps
 )
 
