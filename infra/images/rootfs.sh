@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Assembles a minimal root filesystem for a `FROM scratch` image: each binary at the path asked
+# for, every shared library `ldd` lists for it (and the dynamic loader) at its own absolute path,
+# a world-writable /tmp, minimal /etc/{passwd,group,nsswitch.conf}, and the system CA bundle when
+# asked (TLS to Kafka, Redis or the LLM API).
+#
+# Used by infra/images/build.sh (local images from this machine's binaries) and by the builder
+# stage of infra/Dockerfile (images from binaries built in the rust image), so both produce the
+# same layout.
+#
+# Usage: rootfs.sh ROOT [--ca-certs] [--dir=PATH[:UID]]... SRC:DEST...
+#   SRC:DEST   copy binary SRC (symlinks resolved) to ROOT/DEST, with its libraries
+#   --ca-certs copy /etc/ssl/certs/ca-certificates.crt
+#   --dir=P:U  create ROOT/P owned by numeric uid:gid U:U (a writable data dir for a non-root user)
+set -euo pipefail
+
+die() { printf '[rootfs] %s\n' "$*" >&2; exit 1; }
+
+[ "$#" -ge 2 ] || die "usage: rootfs.sh ROOT [--ca-certs] [--dir PATH[:UID]]... SRC:DEST..."
+root="$1"; shift
+mkdir -p "$root"
+
+copy_libs() {
+  local src="$1" lib
+  while read -r lib; do
+    [ -n "$lib" ] || continue
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done < <(ldd "$src" | awk '/=> \//{print $3} /^[[:space:]]*\/[^ ]+/{print $1}' | sort -u)
+}
+
+for a in "$@"; do
+  case "$a" in
+    --ca-certs)
+      [ -f /etc/ssl/certs/ca-certificates.crt ] || die "no /etc/ssl/certs/ca-certificates.crt on this machine"
+      mkdir -p "$root/etc/ssl/certs"
+      cp -L /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+      ;;
+    --dir) die "--dir takes its value after '=': --dir=PATH[:UID]" ;;
+    --dir=*)
+      spec="${a#--dir=}"; path="${spec%%:*}"; uid=""
+      [ "$spec" = "$path" ] || uid="${spec#*:}"
+      mkdir -p "$root$path"
+      if [ -n "$uid" ]; then chown "$uid:$uid" "$root$path"; chmod 0750 "$root$path"; fi
+      ;;
+    *:*)
+      src="${a%%:*}"; dest="${a#*:}"
+      [ -x "$src" ] || die "$src is not an executable file"
+      mkdir -p "$root$(dirname "$dest")"
+      cp -L "$src" "$root$dest"
+      chmod 0755 "$root$dest"
+      copy_libs "$src"
+      ;;
+    *) die "unknown argument: $a" ;;
+  esac
+done
+
+# glibc >= 2.34 has nss files/dns built in; give it the config files it reads.
+mkdir -p "$root/etc" "$root/tmp"
+chmod 1777 "$root/tmp"
+printf 'hosts: files dns\n' >"$root/etc/nsswitch.conf"
+printf 'root:x:0:0:root:/:/nonexistent\nnobody:x:65534:65534:nobody:/:/nonexistent\n' >"$root/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
