@@ -65,7 +65,7 @@ need_release() {
 
 # build_image NAME TAG DOCKERFILE_TAIL INPUTS -- ROOTFS_ARGS...
 #   INPUTS: files whose content makes the image (hashed into the colloquy.binary.sha256 label)
-#   ROOTFS_ARGS: passed to rootfs.sh; EXTRA_FILES (SRC:DEST lines) are copied in as plain files
+#   ROOTFS_ARGS: passed to rootfs.sh; EXTRA_FILES (SRC:DEST lines) are files or directories copied in
 build_image() {
   local name="$1" tag="$2" tail="$3" sum have_sum have_recipe ctx old_id new_id f
   shift 3
@@ -89,12 +89,16 @@ build_image() {
   "$HERE/rootfs.sh" "$ctx/rootfs" "$@"
   for f in "${EXTRA_FILES[@]}"; do
     mkdir -p "$ctx/rootfs$(dirname "${f#*:}")"
-    cp -L "${f%%:*}" "$ctx/rootfs${f#*:}"
-    chmod 0644 "$ctx/rootfs${f#*:}"
+    cp -rL "${f%%:*}" "$ctx/rootfs${f#*:}"
+    chmod -R a+rX "$ctx/rootfs${f#*:}"
   done
   {
     echo "FROM scratch"
     echo "COPY rootfs/ /"
+    if [ -f "$ctx/rootfs.owned.list" ]; then
+      local path uid
+      while read -r path uid; do echo "COPY --chown=$uid:$uid rootfs.owned$path/ $path/"; done <"$ctx/rootfs.owned.list"
+    fi
     echo "LABEL colloquy.binary.sha256=\"$sum\" colloquy.recipe=\"$RECIPE\" colloquy.image=\"$name\""
     printf '%s\n' "$tail"
   } >"$ctx/Dockerfile"
@@ -220,6 +224,8 @@ DF
       ;;
     prometheus)
       PROM_BIN="$(need_bin prometheus)"; PROBE="$(need_release colloquy-probe)"
+      # Debian's build serves its web UI from /usr/share/prometheus/web, 221 MB once its symlinks
+      # into /usr/share/javascript are followed: left out, the HTTP API is all the tests need.
       EXTRA_FILES=()
       build_image prometheus colloquy/prometheus:local "$(cat <<DF
 ENV PATH=/usr/local/bin
@@ -235,7 +241,8 @@ DF
       ;;
     alertmanager)
       AM_BIN="$(need_bin prometheus-alertmanager)"; PROBE="$(need_release colloquy-probe)"
-      EXTRA_FILES=()
+      # Debian's build reads its notification templates from /usr/share/prometheus/alertmanager.
+      EXTRA_FILES=("/usr/share/prometheus/alertmanager:/usr/share/prometheus/alertmanager")
       build_image alertmanager colloquy/alertmanager:local "$(cat <<DF
 ENV PATH=/usr/local/bin
 USER 65534:65534

@@ -11,7 +11,8 @@
 # Usage: rootfs.sh ROOT [--ca-certs] [--dir=PATH[:UID]]... SRC:DEST...
 #   SRC:DEST   copy binary SRC (symlinks resolved) to ROOT/DEST, with its libraries
 #   --ca-certs copy /etc/ssl/certs/ca-certificates.crt
-#   --dir=P:U  create ROOT/P owned by numeric uid:gid U:U (a writable data dir for a non-root user)
+#   --dir=P[:U] create ROOT/P; with U, a dir for uid:gid U:U (a non-root user's data) instead:
+#              ROOT.owned/P, listed as "P U" in ROOT.owned.list for the image's `COPY --chown`
 set -euo pipefail
 
 die() { printf '[rootfs] %s\n' "$*" >&2; exit 1; }
@@ -40,8 +41,14 @@ for a in "$@"; do
     --dir=*)
       spec="${a#--dir=}"; path="${spec%%:*}"; uid=""
       [ "$spec" = "$path" ] || uid="${spec#*:}"
-      mkdir -p "$root$path"
-      if [ -n "$uid" ]; then chown "$uid:$uid" "$root$path"; chmod 0750 "$root$path"; fi
+      if [ -z "$uid" ]; then
+        mkdir -p "$root$path"
+      else
+        # A Dockerfile COPY makes every file root's, so an owned dir cannot travel inside ROOT:
+        # it goes to ROOT.owned/ and into ROOT.owned.list, for `COPY --chown=U:U` (build.sh).
+        mkdir -p "$root.owned$path"
+        printf '%s %s\n' "$path" "$uid" >>"$root.owned.list"
+      fi
       ;;
     *:*)
       src="${a%%:*}"; dest="${a#*:}"
