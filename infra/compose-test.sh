@@ -17,7 +17,8 @@
 # Compose project `colloquy-ct` (COLLOQUY_COMPOSE_PROJECT), edge on 127.0.0.1:8088
 # (COLLOQUY_HTTP_PORT); state (generated env file, logs of failed runs) in run/compose-test/.
 # Settings come from the repository's .env when it exists, otherwise from a generated env file
-# with fresh random secrets. COLLOQUY_SKIP_BUILD=1 uses target/release as it is.
+# with fresh random secrets. COLLOQUY_SKIP_BUILD=1 uses target/release as it is;
+# COLLOQUY_BIN_DIR takes the binaries (and colloquy-load) from another directory (no cargo build).
 set -euo pipefail
 
 export PATH="${CARGO_HOME:-${HOME:-/root}/.cargo}/bin:$PATH"
@@ -26,7 +27,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="$REPO/run/compose-test"
 PROJECT="${COLLOQUY_COMPOSE_PROJECT:-colloquy-ct}"
 HTTP_PORT="${COLLOQUY_HTTP_PORT:-8088}"
-LOAD="$REPO/target/release/colloquy-load"
+BIN_DIR="${COLLOQUY_BIN_DIR:-$REPO/target/release}"
+LOAD="$BIN_DIR/colloquy-load"
 ENV_FILE="$STATE/compose.env"
 
 log() { printf '[compose-test] %s\n' "$*" >&2; }
@@ -111,15 +113,15 @@ cmd_validate() {
 }
 
 build_all() {
-  if [ "${COLLOQUY_SKIP_BUILD:-0}" != 1 ]; then
+  if [ "${COLLOQUY_SKIP_BUILD:-0}" != 1 ] && [ -z "${COLLOQUY_BIN_DIR:-}" ]; then
     log "cargo build --release --bins"
     (cd "$REPO" && nice -n 10 cargo build --release --bins -j "${CARGO_BUILD_JOBS:-1}")
   fi
   local b
   for b in colloquy-gateway colloquy-ai-consumer colloquy-relay fake-llm colloquy-probe colloquy-load; do
-    [ -x "$REPO/target/release/$b" ] || die "target/release/$b is missing (cargo build --release --bins)"
+    [ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b is missing (cargo build --release --bins)"
   done
-  "$REPO/infra/images/build.sh" --deploy
+  COLLOQUY_BIN_DIR="$BIN_DIR" "$REPO/infra/images/build.sh" --deploy
 }
 
 # wait_healthy TIMEOUT_S: every running container of the project with a health check is healthy.
