@@ -73,7 +73,10 @@ pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
 /// The librdkafka properties named by `KAFKA_PROPERTY_*` variables in this process's environment.
 #[must_use]
 pub fn kafka_properties_from_env() -> Vec<(String, String)> {
-    kafka_properties(std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))))
+    kafka_properties(
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+    )
 }
 
 /// The librdkafka properties named by the `KAFKA_PROPERTY_*` entries of `vars`, sorted by name.

@@ -154,13 +154,14 @@ impl ConsumerContext for ObservedContext {
 /// # Errors
 /// When the broker is unreachable or refuses a topic for any reason but "already exists".
 pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), KafkaSetupError> {
-    let admin: AdminClient<DefaultClientContext> = base_config(cfg)
-        .create()
-        .map_err(|source| KafkaSetupError::Client {
-            what: "admin client",
-            servers: cfg.bootstrap_servers.clone(),
-            source,
-        })?;
+    let admin: AdminClient<DefaultClientContext> =
+        base_config(cfg)
+            .create()
+            .map_err(|source| KafkaSetupError::Client {
+                what: "admin client",
+                servers: cfg.bootstrap_servers.clone(),
+                source,
+            })?;
     let min_insync = cfg.min_insync_replicas.map(|n| n.to_string());
     let new: Vec<NewTopic<'_>> = topics
         .iter()

@@ -17,7 +17,9 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn main() -> ExitCode {
     let Some(url) = std::env::args().nth(1) else {
-        eprintln!("usage: colloquy-probe http://HOST:PORT/PATH | redis://HOST:PORT | tcp://HOST:PORT");
+        eprintln!(
+            "usage: colloquy-probe http://HOST:PORT/PATH | redis://HOST:PORT | tcp://HOST:PORT"
+        );
         return ExitCode::from(2);
     };
     match probe(&url) {
@@ -48,8 +50,9 @@ fn probe(url: &str) -> Result<(), String> {
             }
         }
         "http" => {
-            let request =
-                format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: colloquy-probe\r\n\r\n");
+            let request = format!(
+                "GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: colloquy-probe\r\n\r\n"
+            );
             let reply = exchange(authority, request.as_bytes())?;
             let status = first_line(&reply);
             let code = status.split(' ').nth(1).unwrap_or("");
