@@ -28,6 +28,7 @@ STATE="$REPO/run/compose-test"
 PROJECT="${COLLOQUY_COMPOSE_PROJECT:-colloquy-ct}"
 HTTP_PORT="${COLLOQUY_HTTP_PORT:-8088}"
 BIN_DIR="${COLLOQUY_BIN_DIR:-$REPO/target/release}"
+[ ! -d "$BIN_DIR" ] || BIN_DIR="$(cd "$BIN_DIR" && pwd)"
 LOAD="$BIN_DIR/colloquy-load"
 ENV_FILE="$STATE/compose.env"
 

@@ -9,7 +9,7 @@
 # same layout.
 #
 # Usage: rootfs.sh ROOT [--ca-certs] [--dir=PATH[:UID]]... SRC:DEST...
-#   SRC:DEST   copy binary SRC (symlinks resolved) to ROOT/DEST, with its libraries
+#   SRC:DEST   copy binary SRC (symlinks resolved, debug info stripped) to ROOT/DEST, with its libraries
 #   --ca-certs copy /etc/ssl/certs/ca-certificates.crt
 #   --dir=P[:U] create ROOT/P; with U, a dir for uid:gid U:U (a non-root user's data) instead:
 #              ROOT.owned/P, listed as "P U" in ROOT.owned.list for the image's `COPY --chown`
@@ -55,6 +55,9 @@ for a in "$@"; do
       [ -x "$src" ] || die "$src is not an executable file"
       mkdir -p "$root$(dirname "$dest")"
       cp -L "$src" "$root$dest"
+      # Images carry no debug info (a debug build's is ~90% of the file); symbolize with the
+      # original binary.
+      if command -v strip >/dev/null 2>&1; then strip --strip-debug "$root$dest"; fi
       chmod 0755 "$root$dest"
       copy_libs "$src"
       ;;
