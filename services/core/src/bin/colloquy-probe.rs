@@ -107,3 +107,51 @@ fn exchange(authority: &str, request: &[u8]) -> Result<String, String> {
 fn first_line(reply: &str) -> &str {
     reply.lines().next().unwrap_or("")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A one-shot server on a free port that answers the first request with `reply`.
+    fn serve_once(reply: &'static str) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                let mut buf = [0_u8; 512];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(reply.as_bytes());
+            }
+        });
+        addr.to_string()
+    }
+
+    #[test]
+    fn http_is_healthy_only_on_2xx() {
+        let ok = serve_once("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        assert_eq!(probe(&format!("http://{ok}/health")), Ok(()));
+        let down = serve_once("HTTP/1.1 503 Service Unavailable\r\n\r\n");
+        let err = probe(&format!("http://{down}/ready")).expect_err("503 is unhealthy");
+        assert!(err.contains("503"), "{err}");
+    }
+
+    #[test]
+    fn redis_is_healthy_only_on_pong() {
+        let pong = serve_once("+PONG\r\n");
+        assert_eq!(probe(&format!("redis://{pong}")), Ok(()));
+        let loading = serve_once("-LOADING Redis is loading the dataset in memory\r\n");
+        assert!(probe(&format!("redis://{loading}")).is_err());
+    }
+
+    #[test]
+    fn closed_ports_and_unknown_schemes_are_unhealthy() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        assert!(probe(&format!("tcp://127.0.0.1:{port}")).is_err());
+        assert!(probe("ftp://127.0.0.1:21").is_err());
+        assert!(probe("127.0.0.1:80").is_err());
+    }
+}
