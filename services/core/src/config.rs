@@ -71,6 +71,51 @@ pub struct KafkaConfig {
     /// of being left with no partitions). Never give two live processes the same id.
     #[arg(long = "kafka-group-instance-id", env = "KAFKA_GROUP_INSTANCE_ID")]
     pub group_instance_id: Option<String>,
+    /// Replication factor of each topic when the service creates it (1 locally, 3 in production).
+    #[arg(
+        long = "kafka-replication-factor",
+        env = "KAFKA_REPLICATION_FACTOR",
+        default_value_t = 1
+    )]
+    pub replication_factor: i32,
+    /// `min.insync.replicas` of each topic when the service creates it (2 in production, with
+    /// RF 3 and `acks=all`); the broker's default when unset.
+    #[arg(long = "kafka-min-insync-replicas", env = "KAFKA_MIN_INSYNC_REPLICAS")]
+    pub min_insync_replicas: Option<u32>,
+    /// Extra librdkafka properties for every client (producer, consumer, admin), read from the
+    /// environment variables `KAFKA_PROPERTY_<NAME>`, where NAME is the property name upper-cased
+    /// with `.` written as `_`: `KAFKA_PROPERTY_SECURITY_PROTOCOL=SASL_SSL` sets
+    /// `security.protocol`. This is how TLS and SASL are configured. Colloquy's own settings
+    /// (acks, idempotence, offset storage) are applied after these and win.
+    #[arg(skip = kafka_properties_from_env())]
+    pub properties: Vec<(String, String)>,
+}
+
+/// Prefix of the environment variables that carry extra librdkafka properties.
+pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
+
+/// The librdkafka properties named by `KAFKA_PROPERTY_*` variables in this process's environment.
+#[must_use]
+pub fn kafka_properties_from_env() -> Vec<(String, String)> {
+    kafka_properties(
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+    )
+}
+
+/// The librdkafka properties named by the `KAFKA_PROPERTY_*` entries of `vars`, sorted by name.
+/// Other entries are ignored; an entry with nothing after the prefix too.
+#[must_use]
+pub fn kafka_properties(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let mut props: Vec<(String, String)> = vars
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let name = k.strip_prefix(KAFKA_PROPERTY_PREFIX)?;
+            (!name.is_empty()).then(|| (name.to_ascii_lowercase().replace('_', "."), v))
+        })
+        .collect();
+    props.sort();
+    props
 }
 
 impl KafkaConfig {
@@ -162,5 +207,61 @@ mod tests {
         assert_eq!(r.command_timeout_ms, 2_000);
         let t: TelemetryConfig = defaults();
         assert_eq!(t.log_format, LogFormat::Json);
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn kafka_property_variables_become_dotted_lowercase_names() {
+        let props = kafka_properties(vars(&[
+            ("KAFKA_PROPERTY_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_PROPERTY_SASL_PASSWORD", "p=w;d,with=signs"),
+            ("KAFKA_PROPERTY_SSL_CA_LOCATION", "/run/secrets/ca.pem"),
+        ]));
+        assert_eq!(
+            props,
+            vars(&[
+                ("sasl.password", "p=w;d,with=signs"),
+                ("security.protocol", "SASL_SSL"),
+                ("ssl.ca.location", "/run/secrets/ca.pem"),
+            ])
+        );
+    }
+
+    #[test]
+    fn other_variables_and_an_empty_name_are_ignored() {
+        let props = kafka_properties(vars(&[
+            ("KAFKA_BOOTSTRAP_SERVERS", "kafka:9092"),
+            ("KAFKA_PROPERTY_", "x"),
+            ("MY_KAFKA_PROPERTY_ACKS", "0"),
+        ]));
+        assert!(props.is_empty(), "{props:?}");
+    }
+
+    #[test]
+    fn clap_reads_replication_settings_and_defaults_to_one_replica() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            kafka: KafkaConfig,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "x",
+            "--kafka-replication-factor",
+            "3",
+            "--kafka-min-insync-replicas",
+            "2",
+        ])
+        .expect("flags parse");
+        assert_eq!(cli.kafka.replication_factor, 3);
+        assert_eq!(cli.kafka.min_insync_replicas, Some(2));
+        let defaults = <Cli as clap::Parser>::try_parse_from(["x"]).expect("defaults parse");
+        assert_eq!(defaults.kafka.replication_factor, 1);
+        assert_eq!(defaults.kafka.min_insync_replicas, None);
     }
 }

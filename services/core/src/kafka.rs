@@ -49,13 +49,24 @@ pub enum KafkaSetupError {
     Unreachable { servers: String, reason: String },
 }
 
+/// A client configuration with the bootstrap servers and the operator's extra properties
+/// (`KAFKA_PROPERTY_*`: TLS, SASL, ...); callers set their own properties after these, so the
+/// delivery settings cannot be overridden from the environment.
+fn base_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (key, value) in &cfg.properties {
+        config.set(key, value);
+    }
+    config.set("bootstrap.servers", &cfg.bootstrap_servers);
+    config
+}
+
 /// An idempotent producer (`acks=all`) for `service`.
 ///
 /// # Errors
 /// When librdkafka refuses the configuration.
 pub fn producer(cfg: &KafkaConfig, service: &str) -> Result<FutureProducer, KafkaSetupError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &cfg.bootstrap_servers)
+    base_config(cfg)
         .set("client.id", service)
         .set("acks", "all")
         .set("enable.idempotence", "true")
@@ -81,12 +92,11 @@ pub fn consumer(
     group: &str,
     topics: &[&str],
 ) -> Result<StreamConsumer<ObservedContext>, KafkaSetupError> {
-    let mut config = ClientConfig::new();
+    let mut config = base_config(cfg);
     if let Some(id) = &cfg.group_instance_id {
         config.set("group.instance.id", id);
     }
     let consumer: StreamConsumer<ObservedContext> = config
-        .set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("group.id", group)
         .set("client.id", service)
         .set("enable.auto.commit", "true")
@@ -373,17 +383,28 @@ where
 /// # Errors
 /// When the broker is unreachable or refuses a topic for any reason but "already exists".
 pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), KafkaSetupError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.bootstrap_servers)
-        .create()
-        .map_err(|source| KafkaSetupError::Client {
-            what: "admin client",
-            servers: cfg.bootstrap_servers.clone(),
-            source,
-        })?;
+    let admin: AdminClient<DefaultClientContext> =
+        base_config(cfg)
+            .create()
+            .map_err(|source| KafkaSetupError::Client {
+                what: "admin client",
+                servers: cfg.bootstrap_servers.clone(),
+                source,
+            })?;
+    let min_insync = cfg.min_insync_replicas.map(|n| n.to_string());
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, cfg.partitions, TopicReplication::Fixed(1)))
+        .map(|t| {
+            let topic = NewTopic::new(
+                t,
+                cfg.partitions,
+                TopicReplication::Fixed(cfg.replication_factor),
+            );
+            match &min_insync {
+                Some(n) => topic.set("min.insync.replicas", n),
+                None => topic,
+            }
+        })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin
