@@ -208,6 +208,7 @@ mod tests {
         KeyValue {
             key: key.into(),
             value: Some(AnyValue { value: Some(value) }),
+            ..KeyValue::default()
         }
     }
 
