@@ -46,15 +46,14 @@ impl Application {
         colloquy_core::metrics::record_build_info("prober");
         events::register_zero_series();
         let stop = CancellationToken::new();
-        let metrics_addr =
-            colloquy_core::admin::serve(
-                settings.prober.metrics_listen,
-                // The prober is ready once it serves: its verdicts are on /metrics.
-                std::sync::Arc::new(|| Ok(())),
-                stop.clone(),
-            )
-            .await
-                .with_context(|| format!("bind metrics on {}", settings.prober.metrics_listen))?;
+        let metrics_addr = colloquy_core::admin::serve(
+            settings.prober.metrics_listen,
+            // The prober is ready once it serves: its verdicts are on /metrics.
+            std::sync::Arc::new(|| Ok(())),
+            stop.clone(),
+        )
+        .await
+        .with_context(|| format!("bind metrics on {}", settings.prober.metrics_listen))?;
         let prober = Prober::new(settings.prober).context("HTTP client")?;
         Ok(Self {
             prober,

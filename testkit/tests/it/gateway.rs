@@ -385,12 +385,16 @@ async fn resumed(ws: &mut WsClient) -> bool {
 
 /// Waits until `user`'s inbox holds `n` entries (the relay wrote them).
 async fn inbox_holds(app: &TestApp, user: &str, n: usize) {
-    let pool = colloquy_core::redis::pool(&app.redis()).await.unwrap();
-    let key = app.names.inbox_key(&UserId::parse(user).unwrap());
+    let pool = colloquy_core::redis::pool(&app.redis())
+        .await
+        .expect("Redis pool");
+    let key = app
+        .names
+        .inbox_key(&UserId::parse(user).expect("a valid userid"));
     for _ in 0..300 {
         let len: usize = fred::prelude::StreamsInterface::xlen(&pool, &key)
             .await
-            .unwrap();
+            .expect("XLEN");
         if len >= n {
             return;
         }
