@@ -858,7 +858,7 @@ mod tests {
         let mut o = Outbox::new(3, 0, Some(timing(t0)));
         assert_eq!(o.due(t0), None);
         assert_eq!(o.next_wake(), Some(t0 + Duration::from_millis(10)));
-        let late = t0 + Duration::from_millis(250);
+        let late = t0 + Duration::from_millis(150);
         // Two are due by now: both go out, each with its own intended time, none answered.
         let a = o.due(late).unwrap();
         assert_eq!(
