@@ -22,7 +22,7 @@ LOGS="$RUN/logs"
 BIN="$REPO/target/release"
 
 # Start order (down stops in reverse).
-SERVICES=(tansu redis fake-llm gateway-1 gateway-2 ai-consumer relay nginx prometheus)
+SERVICES=(tansu redis fake-llm gateway-1 gateway-2 ai-consumer relay nginx prober alertmanager prometheus)
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -136,7 +136,7 @@ cmd_up() {
     (cd "$REPO" && cargo build --release --bins)
   fi
   local b
-  for b in colloquy-gateway colloquy-ai-consumer colloquy-relay; do
+  for b in colloquy-gateway colloquy-ai-consumer colloquy-relay colloquy-prober; do
     [ -x "$BIN/$b" ] || die "$BIN/$b is missing (did the build fail?)"
   done
 
@@ -150,6 +150,7 @@ cmd_up() {
   need_port_free 8001 gateway-1; need_port_free 8002 gateway-2
   need_port_free 9101 ai-consumer; need_port_free 9102 relay
   need_port_free 8080 nginx; need_port_free 9090 prometheus
+  need_port_free 9103 prober; need_port_free 9093 alertmanager
 
   # If anything below fails (or we are interrupted), stop what was already started.
   trap 'log "start-up failed: stopping what was started"; cmd_down' EXIT
@@ -229,6 +230,16 @@ cmd_up() {
     nginx -p "$RUN" -c "$REPO/infra/nginx.conf" -e "$LOGS/nginx-error.log" -g 'daemon off;'
   wait_for nginx 20 port_open 8080
 
+  # The synthetic prober: a probe user through the edge every 15 s (colloquy_probe_success).
+  start prober "$RUN/services" PROBE_EDGE_URL=http://127.0.0.1:8080 METRICS_LISTEN=127.0.0.1:9103 -- "$BIN/colloquy-prober"
+  wait_for prober 30 curl -fsS http://127.0.0.1:9103/health
+
+  mkdir -p "$RUN/alertmanager"
+  start alertmanager "$RUN/alertmanager" -- \
+    prometheus-alertmanager --config.file="$REPO/infra/alertmanager.yml" \
+      --storage.path="$RUN/alertmanager" --web.listen-address=127.0.0.1:9093 --cluster.listen-address=
+  wait_for alertmanager 30 curl -fsS http://127.0.0.1:9093/-/ready
+
   start prometheus "$RUN/prometheus" -- \
     prometheus --config.file="$REPO/infra/prometheus.yml" \
       --storage.tsdb.path="$RUN/prometheus/data" \
@@ -249,7 +260,9 @@ Colloquy is up, in DEV MODE (COLLOQUY_DEV=1: built-in AUTH_SECRET, open POST /to
   gateways         http://127.0.0.1:8001/  http://127.0.0.1:8002/   (/health /ready /metrics)
   metrics          http://127.0.0.1:8001/metrics  http://127.0.0.1:8002/metrics
                    http://127.0.0.1:9101/metrics (ai-consumer)  http://127.0.0.1:9102/metrics (relay)
-  Prometheus       http://127.0.0.1:9090/
+  Prometheus       http://127.0.0.1:9090/   (alert rules from alerts/)
+  Alertmanager     http://127.0.0.1:9093/
+  prober           http://127.0.0.1:9103/metrics (colloquy_probe_success)
   Kafka (tansu)    127.0.0.1:9092      Redis  redis://127.0.0.1:6379
   LLM              $([ "$use_fake" = 1 ] && echo "fake LLM at http://127.0.0.1:8090/v1" || echo "OpenAI-compatible API (OPENAI_API_KEY set)")
   logs             $LOGS/*.log

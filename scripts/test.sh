@@ -5,6 +5,9 @@
 #   3. cargo fmt --check, cargo clippy -D warnings, cargo build --bins (the chaos suites run them)
 #      and cargo test --workspace   (the testkit uses containers or local processes: COLLOQUY_TESTKIT)
 #   4. promtool check/test rules    (alerts/*.yml, alerts/tests/*.yml, when present)
+#   5. the container deployment     (infra/compose-test.sh test: compose config, up, 250/250 through
+#                                    nginx, three container faults, down), when Docker works
+#   6. scripts/bench.sh --short     (open-loop load figures, printed; no assertions on timing)
 # Usage: scripts/test.sh [--processes] [extra cargo test args...]
 #   --processes   force COLLOQUY_TESTKIT=processes even when a Docker engine is reachable
 # Exits non-zero on any failure.
@@ -78,5 +81,16 @@ else
   log "no alerts/tests/*.yml: skipping promtool test rules"
 fi
 promtool check config infra/prometheus.yml
+if command -v amtool >/dev/null 2>&1; then
+  amtool check-config infra/alertmanager.yml
+fi
+
+if [ "$COLLOQUY_TESTKIT" = containers ]; then
+  log "container deployment (infra/compose-test.sh test)"
+  COLLOQUY_BIN_DIR="$REPO/target/debug" infra/compose-test.sh test
+fi
+
+log "load figures (scripts/bench.sh --short; printed, not asserted)"
+scripts/bench.sh --short
 
 log "all tests passed"

@@ -70,14 +70,25 @@ impl Handled {
     }
 }
 
-/// KEYS: delivered marker, inbox. Returns the stored delivery JSON of that send, or nil.
+/// KEYS: delivered marker, inbox. Returns the stored delivery JSON of that send, `pending`
+/// when the relay has not stored it yet, or `gone` when it was trimmed or expired.
 const STORED_ANSWER_LUA: &str = r"
 local id = redis.call('GET', KEYS[1])
-if not id then return false end
+if not id then return 'pending' end
 local entries = redis.call('XRANGE', KEYS[2], id, id)
-if #entries == 0 then return false end
+if #entries == 0 then return 'gone' end
 return entries[1][2][2]
 ";
+
+/// How long a resend waits for the earlier send's answer to be stored by the relay.
+const STORED_ANSWER_WAIT: Duration = Duration::from_secs(30);
+
+/// What the inbox holds of an earlier send's answer.
+enum Stored {
+    Answer(ResponseBody),
+    Pending,
+    Gone,
+}
 
 /// Everything needed to answer messages.
 pub struct Worker {
@@ -319,9 +330,24 @@ impl Worker {
     /// delivers it as a new event), or a clear failure when it is no longer stored.
     async fn repeat(&self, job: &Job) -> Handled {
         let r = &job.record;
-        let stored = self
-            .redis_retrying("stored_answer", || self.stored_answer(r))
-            .await;
+        // The earlier send's answer is in `responses` but may not be in the inbox yet (the
+        // client resent because it never saw its ack): wait for the relay, boundedly.
+        let deadline = tokio::time::Instant::now() + STORED_ANSWER_WAIT;
+        let stored = loop {
+            let stored = self
+                .redis_retrying("stored_answer", || self.stored_answer(r))
+                .await;
+            match stored {
+                Ok(Stored::Pending) if tokio::time::Instant::now() < deadline => {
+                    if self.sleep(Duration::from_millis(100)).await.is_err() {
+                        return Handled::Abandoned;
+                    }
+                }
+                Ok(Stored::Answer(body)) => break Ok(Some(body)),
+                Ok(Stored::Pending | Stored::Gone) => break Ok(None),
+                Err(e) => break Err(e),
+            }
+        };
         let body = match stored {
             Err(RetryError::Cancelled) => return Handled::Abandoned,
             Ok(Some(ResponseBody::Final {
@@ -347,25 +373,25 @@ impl Worker {
         }
     }
 
-    /// The durable body stored for the earlier send of `r`'s message id, if still kept.
-    async fn stored_answer(
-        &self,
-        r: &IncomingRecord,
-    ) -> Result<Option<ResponseBody>, fred::error::Error> {
+    /// The durable body stored for the earlier send of `r`'s message id.
+    async fn stored_answer(&self, r: &IncomingRecord) -> Result<Stored, fred::error::Error> {
         let Some(nonce) = self.previous_nonce(r).await? else {
-            return Ok(None);
+            return Ok(Stored::Gone);
         };
         let keys = vec![
             self.names.delivered_key(&r.userid, &r.msg_id, nonce),
             self.names.inbox_key(&r.userid),
         ];
-        let json: Option<String> = self
+        let json: String = self
             .stored_answer
             .evalsha_with_reload(self.redis.next(), keys, Vec::<String>::new())
             .await?;
-        Ok(json
-            .and_then(|j| serde_json::from_str::<Delivery>(&j).ok())
-            .map(|d| d.body))
+        Ok(match json.as_str() {
+            "pending" => Stored::Pending,
+            "gone" => Stored::Gone,
+            _ => serde_json::from_str::<Delivery>(&json)
+                .map_or(Stored::Gone, |d| Stored::Answer(d.body)),
+        })
     }
 
     async fn previous_nonce(&self, r: &IncomingRecord) -> Result<Option<i64>, fred::error::Error> {

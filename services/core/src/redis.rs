@@ -24,9 +24,24 @@ pub enum RedisSetupError {
     },
 }
 
+/// `url` with its password replaced by `***`, for logs and error messages.
+#[must_use]
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{scheme}://***@{host}"),
+    }
+}
+
 fn builder(cfg: &RedisConfig, broadcast_capacity: usize) -> Result<Builder, RedisSetupError> {
     let config = Config::from_url(&cfg.url).map_err(|source| RedisSetupError::Url {
-        url: cfg.url.clone(),
+        url: redacted(&cfg.url),
         source,
     })?;
     let timeout = Duration::from_millis(cfg.command_timeout_ms);
@@ -54,12 +69,24 @@ pub async fn pool(cfg: &RedisConfig) -> Result<Pool, RedisSetupError> {
     let pool = builder(cfg, 32)?
         .build_pool(cfg.pool_size.max(1))
         .map_err(|source| RedisSetupError::Build {
-            url: cfg.url.clone(),
+            url: redacted(&cfg.url),
             source,
         })?;
-    let _ = pool.init().await.map_err(|e| {
-        tracing::warn!(url = %cfg.url, error = %e, "Redis not reachable yet; will keep reconnecting");
-    });
+    if let Err(e) = pool.init().await {
+        // Down, or answering LOADING while it reads its append-only file: fred does not retry
+        // a failed first connection by itself, so keep trying in the background.
+        tracing::warn!(url = %redacted(&cfg.url), error = %e, "Redis not reachable yet; will keep connecting");
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut retry = 0;
+            while let Err(e) = pool.init().await {
+                tracing::debug!(error = %e, "Redis still not reachable");
+                tokio::time::sleep(crate::retry::RetryPolicy::UNTIL_SHUTDOWN.jittered(retry)).await;
+                retry += 1;
+            }
+            tracing::info!("Redis connected");
+        });
+    }
     Ok(pool)
 }
 
@@ -73,13 +100,41 @@ pub async fn subscriber(cfg: &RedisConfig) -> Result<SubscriberClient, RedisSetu
     let sub = builder(cfg, 16_384)?
         .build_subscriber_client()
         .map_err(|source| RedisSetupError::Build {
-            url: cfg.url.clone(),
+            url: redacted(&cfg.url),
             source,
         })?;
-    let _ = sub.init().await.map_err(|e| {
-        tracing::warn!(url = %cfg.url, error = %e, "Redis subscriber not connected yet; will keep reconnecting");
-    });
+    if let Err(e) = sub.init().await {
+        tracing::warn!(url = %redacted(&cfg.url), error = %e, "Redis subscriber not connected yet; will keep connecting");
+        let sub = sub.clone();
+        tokio::spawn(async move {
+            let mut retry = 0;
+            while sub.init().await.is_err() {
+                tokio::time::sleep(crate::retry::RetryPolicy::UNTIL_SHUTDOWN.jittered(retry)).await;
+                retry += 1;
+            }
+            tracing::info!("Redis subscriber connected");
+        });
+    }
     // Re-subscribes after reconnects for the client's lifetime; the task needs no handle.
     drop(sub.manage_subscriptions());
     Ok(sub)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_never_reach_a_log_line() {
+        assert_eq!(
+            redacted("redis://:s3cret@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+        assert_eq!(
+            redacted("rediss://app:s3cret@h:6380"),
+            "rediss://app:***@h:6380"
+        );
+        assert_eq!(redacted("redis://token@h"), "redis://***@h");
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
 }

@@ -12,10 +12,10 @@
 //!   replay runs is held and written after it, and any gap is followed by a replay;
 //! - a `resume` is honoured whatever its age, even below what was already written.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 
-use colloquy_core::records::Delivery;
+use colloquy_core::records::{Delivery, ResponseBody};
 use colloquy_core::wire::{ClientFrame, ErrorCode, EventId, ServerFrame};
 
 use crate::close;
@@ -197,6 +197,34 @@ impl Written {
     }
 }
 
+/// The message ids this connection showed an answer for, bounded. A second answer to the same
+/// id is not shown: a message resent after a gateway died mid-ack (the client never saw its
+/// ack) is answered twice in the inbox, once per send, and whether the replay of the first
+/// answer or the resend reaches the gateway first is a race; the connection shows one answer.
+/// (A resend of an answered id from a connection that has not shown it gets it again.)
+#[derive(Debug, Default)]
+struct Answered {
+    ids: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Answered {
+    fn contains(&self, msg_id: &str) -> bool {
+        self.ids.contains(msg_id)
+    }
+
+    fn insert(&mut self, msg_id: &str, memory: usize) {
+        if self.ids.insert(msg_id.to_owned()) {
+            self.order.push_back(msg_id.to_owned());
+        }
+        while self.order.len() > memory.max(1) {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+}
+
 /// One connection's state. Times are milliseconds on any clock that only moves forward
 /// (the session uses Unix time, so a token's `exp` compares directly).
 #[derive(Debug)]
@@ -207,6 +235,7 @@ pub struct Connection {
     cursor: EventId,
     replay: Replay,
     written: Written,
+    answered: Answered,
     in_flight: usize,
     resume_tokens: u32,
     resume_refilled_ms: u64,
@@ -237,6 +266,7 @@ impl Connection {
             cursor: after.unwrap_or(position),
             replay: Replay::Idle,
             written: Written::default(),
+            answered: Answered::default(),
             in_flight: 0,
             resume_tokens: limits.resume_burst,
             resume_refilled_ms: now_ms,
@@ -583,10 +613,20 @@ impl Connection {
     fn write(&mut self, d: Arc<Delivery>, id: EventId, out: &mut Vec<Action>) {
         if self.written.contains(id) {
             self.duplicates += 1;
-        } else {
-            self.written.insert(id, self.limits.memory);
-            out.push(Action::Deliver(d));
+            return;
         }
+        self.written.insert(id, self.limits.memory);
+        // Only answers count: a failure followed by the answer to a retry shows both.
+        if matches!(d.body, ResponseBody::Final { .. }) {
+            if self.answered.contains(&d.msg_id) {
+                // A second answer to a message this connection saw answered and did not ask
+                // about again (a resend elsewhere, or after a gateway died mid-ack).
+                self.duplicates += 1;
+                return;
+            }
+            self.answered.insert(&d.msg_id, self.limits.memory);
+        }
+        out.push(Action::Deliver(d));
     }
 }
 
@@ -613,7 +653,6 @@ fn error_for(
 mod tests {
     use super::*;
     use colloquy_core::UserId;
-    use colloquy_core::records::ResponseBody;
     use proptest::prelude::*;
 
     const USER: &str = "alice";
@@ -873,6 +912,33 @@ mod tests {
         assert_eq!(conn.in_flight(), 0);
         let out = conn.on_text(r#"{"type":"message","content":"hi","userid":"mallory"}"#, 0);
         assert!(matches!(&out[..], [Action::Refuse(_, Refusal::Invalid)]));
+    }
+
+    #[test]
+    fn a_second_answer_to_one_message_is_not_shown_even_when_asked_again() {
+        let (mut conn, _) = open(1, None);
+        let first = answer(10);
+        let mut again = (*answer(20)).clone();
+        again.msg_id.clone_from(&first.msg_id);
+        // The client resends the id (it never saw the ack) while the first answer replays.
+        let text = format!(
+            r#"{{"type":"message","content":"again","id":"{}"}}"#,
+            first.msg_id
+        );
+        conn.on_text(&text, 2);
+        assert_eq!(delivered(&conn.on_live(Arc::clone(&first))), vec![10]);
+        assert!(delivered(&conn.on_live(Arc::new(again))).is_empty());
+        assert_eq!(conn.take_duplicates(), 1);
+        // A failure, then the answer to its retry: both are shown.
+        let mut failed = (*answer(30)).clone();
+        failed.msg_id = "retried".into();
+        failed.body = ResponseBody::Failed {
+            reason: "busy".into(),
+        };
+        let mut retried = (*answer(40)).clone();
+        retried.msg_id = "retried".into();
+        assert_eq!(delivered(&conn.on_live(Arc::new(failed))), vec![30]);
+        assert_eq!(delivered(&conn.on_live(Arc::new(retried))), vec![40]);
     }
 
     #[test]

@@ -152,8 +152,10 @@ async fn a_resent_message_is_answered_once_and_charged_once() {
     let ServerFrame::Response { content, .. } = ws.response_to("same", T).await.unwrap() else {
         unreachable!()
     };
-    // A resend of an answered id is acked and gets the stored answer again (never silence),
-    // without a second LLM call.
+    // A resend of an answered id, from a connection that has not shown the answer, is acked
+    // and gets the stored answer again (never silence), without a second LLM call.
+    ws.close().await;
+    let mut ws = app.connect(0, "resender").await.unwrap();
     ws.send_message("same", "only once").await.unwrap();
     ws.recv_until(
         T,

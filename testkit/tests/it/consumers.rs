@@ -276,7 +276,11 @@ async fn a_resent_message_id_gets_its_answer_again_and_a_failed_one_is_answered_
     let calls = app.mock().requests().await.len();
     assert_eq!(calls, 2, "one failed call, one answered");
 
-    // 2. A resend of an answered id: the stored answer again, as a new event, no LLM call.
+    // 2. A resend of an answered id from a client that does not have the answer (a new
+    // connection, no resume): the stored answer again, as a new event, no LLM call. (The
+    // connection that showed the answer does not show it twice.)
+    ws.close().await;
+    let mut ws = app.connect(0, "resender").await.unwrap();
     ws.send_message("x1", "second try").await.unwrap();
     let ServerFrame::Response {
         content: again,

@@ -828,11 +828,9 @@ impl Drop for LoadingRedis {
     }
 }
 
-// Fails today: fred's first connection gets `LOADING` from Redis, the pool's and the
-// subscriber's `init()` fail with it, and fred does not retry a failed initial connection, so the
-// gateway never becomes ready. The fix belongs in `core/src/redis.rs` (retry `init()` in the
-// background until it succeeds); run with `--ignored` to reproduce.
-#[ignore = "reproduces the LOADING start-up bug; the fix is in core/src/redis.rs"]
+// fred's first connection gets `LOADING` from Redis, the pool's and the subscriber's `init()`
+// fail with it, and fred does not retry a failed initial connection: `core/src/redis.rs` keeps
+// calling `init()` in the background until it succeeds, so the gateway becomes ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_started_while_redis_is_loading_becomes_ready_when_redis_does() {
     let app = TestApp::spawn().await.unwrap();
