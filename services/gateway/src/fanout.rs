@@ -144,6 +144,12 @@ impl Fanout {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Whether the subscriber is connected (deliveries can reach sockets); part of `/ready`.
+    #[must_use]
+    pub fn is_connected(&self) -> bool {
+        self.subscriber.is_connected()
+    }
+
     /// Registers a connection and waits until its user's channel is subscribed. Fails at
     /// once while the subscriber is disconnected, instead of queueing behind Redis timeouts.
     ///

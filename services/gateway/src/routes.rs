@@ -215,8 +215,10 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         tokio::time::timeout(Duration::from_secs(1), state.redis.ping::<String>(None)).await,
         Ok(Ok(_))
     );
-    let body = Json(json!({ "kafka": kafka_ok, "redis": redis_ok }));
-    if kafka_ok && redis_ok && !state.shutdown.is_cancelled() {
+    // Deliveries need the subscriber too: until it is connected every socket would get 1013.
+    let deliveries_ok = state.fanout.is_connected();
+    let body = Json(json!({ "kafka": kafka_ok, "redis": redis_ok, "deliveries": deliveries_ok }));
+    if kafka_ok && redis_ok && deliveries_ok && !state.shutdown.is_cancelled() {
         (StatusCode::OK, body).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, body).into_response()

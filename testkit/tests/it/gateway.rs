@@ -216,6 +216,8 @@ async fn redis_outage_falls_back_to_the_local_limiter_and_ready_reports_it() {
     let ready = format!("{}/ready", app.http_base(0));
     assert_eq!(app.http.get(&ready).send().await.unwrap().status(), 200);
     let mut ws = app.connect(0, "offline_redis").await.unwrap();
+    // The session is open once its welcome (read from Redis) arrived.
+    ws.welcome(T).await.unwrap();
     app.infra.kill_redis().await.unwrap();
     assert_eq!(app.http.get(&ready).send().await.unwrap().status(), 503);
     for i in 0..2 {
