@@ -7,7 +7,6 @@
 #   4. promtool check/test rules    (alerts/*.yml, alerts/tests/*.yml, when present)
 #   5. the container deployment     (infra/compose-test.sh test: compose config, up, 250/250 through
 #                                    nginx, three container faults, down), when Docker works
-#   6. scripts/bench.sh --short     (open-loop load figures, printed; no assertions on timing)
 # Usage: scripts/test.sh [--processes] [extra cargo test args...]
 #   --processes   force COLLOQUY_TESTKIT=processes even when a Docker engine is reachable
 # Exits non-zero on any failure.
@@ -89,8 +88,5 @@ if [ "$COLLOQUY_TESTKIT" = containers ]; then
   log "container deployment (infra/compose-test.sh test)"
   COLLOQUY_BIN_DIR="$REPO/target/debug" infra/compose-test.sh test
 fi
-
-log "load figures (scripts/bench.sh --short; printed, not asserted)"
-scripts/bench.sh --short
 
 log "all tests passed"
