@@ -144,7 +144,7 @@ wait_healthy() {
   done
 }
 
-edge_ready() { curl -fsS -o /dev/null --max-time 3 "http://127.0.0.1:$HTTP_PORT/ready"; }
+edge_ready() { curl -fsS -o /dev/null --max-time 3 "http://127.0.0.1:$HTTP_PORT/health"; }
 
 cmd_up() {
   need_docker
@@ -155,7 +155,7 @@ cmd_up() {
   wait_healthy 180 || { dc ps >&2; dump_logs; die "the deployment did not become healthy"; }
   local i
   for i in $(seq 1 60); do edge_ready && break; sleep 1; done
-  edge_ready || die "http://127.0.0.1:$HTTP_PORT/ready does not answer"
+  edge_ready || die "http://127.0.0.1:$HTTP_PORT/health does not answer"
   cat <<MSG >&2
 
 Colloquy (containers, project $PROJECT) is up.
