@@ -216,11 +216,13 @@ cmd_up() {
   log "DEV MODE: gateways run with COLLOQUY_DEV=1 (built-in AUTH_SECRET, open POST /token); never expose this stack"
   start gateway-1 "$RUN/services" "${svc_env[@]}" COLLOQUY_DEV=1 GATEWAY_LISTEN=127.0.0.1:8001 GATEWAY_INSTANCE_ID=gw1 -- "$BIN/colloquy-gateway"
   start gateway-2 "$RUN/services" "${svc_env[@]}" COLLOQUY_DEV=1 GATEWAY_LISTEN=127.0.0.1:8002 GATEWAY_INSTANCE_ID=gw2 -- "$BIN/colloquy-gateway"
-  start ai-consumer "$RUN/services" "${svc_env[@]}" METRICS_LISTEN=127.0.0.1:9101 KAFKA_GROUP_INSTANCE_ID=ai-consumer-1 -- "$BIN/colloquy-ai-consumer"
-  start relay "$RUN/services" "${svc_env[@]}" METRICS_LISTEN=127.0.0.1:9102 KAFKA_GROUP_INSTANCE_ID=relay-1 -- "$BIN/colloquy-relay"
+  start ai-consumer "$RUN/services" "${svc_env[@]}" METRICS_LISTEN=127.0.0.1:9101 KAFKA_ASSIGNMENT=all KAFKA_GROUP_INSTANCE_ID=ai-consumer-1 -- "$BIN/colloquy-ai-consumer"
+  start relay "$RUN/services" "${svc_env[@]}" METRICS_LISTEN=127.0.0.1:9102 KAFKA_ASSIGNMENT=all KAFKA_GROUP_INSTANCE_ID=relay-1 -- "$BIN/colloquy-relay"
   wait_for gateway-1 60 curl -fsS http://127.0.0.1:8001/ready
   wait_for gateway-2 60 curl -fsS http://127.0.0.1:8002/ready
-  # Ready means holding partitions: until then the first messages would wait for a rebalance.
+  # One instance of each consumer takes every partition by hand (KAFKA_ASSIGNMENT=all): tansu
+  # 0.6's group coordinator can leave a restarted member without partitions (docs/storage.md).
+  # Ready means holding partitions: until then the first messages would wait.
   wait_for ai-consumer 90 curl -fsS http://127.0.0.1:9101/ready
   wait_for relay 90 curl -fsS http://127.0.0.1:9102/ready
 

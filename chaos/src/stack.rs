@@ -465,7 +465,10 @@ impl Stack {
             // without a 90 s wait.
             env("LLM_REQUEST_TIMEOUT_SECS", "4"),
             env("CLAIM_LEASE_SECS", "5"),
-            // Static membership: the restarted process takes its old place in the group.
+            // One instance takes every partition by hand (tansu's group coordinator can
+            // leave a restarted member without any); the stable id names its claim leases,
+            // so the restarted process takes its predecessor's over at once.
+            env("KAFKA_ASSIGNMENT", "all"),
             env("KAFKA_GROUP_INSTANCE_ID", "ai-consumer-1"),
         ])
         .envs(opts.consumer_env.iter().cloned());
@@ -483,6 +486,7 @@ impl Stack {
         .envs(common.iter().cloned())
         .envs([
             env("METRICS_LISTEN", &format!("127.0.0.1:{relay_port}")),
+            env("KAFKA_ASSIGNMENT", "all"),
             env("KAFKA_GROUP_INSTANCE_ID", "relay-1"),
         ]);
         self.procs.insert(Component::Relay, relay);

@@ -108,6 +108,7 @@ impl Application {
         .await
         .context("refusing to start")?;
         let consumer = kafka::consumer(&kcfg, "ai-consumer", &cfg.group, &[&incoming_topic])
+            .await
             .context("Kafka consumer")?;
         let membership = consumer.context().membership();
         let pool = colloquy_core::redis::pool(&redis)

@@ -65,10 +65,25 @@ pub struct KafkaConfig {
         default_value_t = 20
     )]
     pub rejoin_after_secs: u64,
+    /// How the consumers get their partitions: `group` (Kafka's group protocol; instances of a
+    /// service share the partitions) or `all` (this instance takes every partition of its topic
+    /// by manual assignment and still commits its offsets to the group). `all` is for one
+    /// instance per service, and for brokers whose group coordinator loses members across
+    /// restarts (tansu 0.6: see docs/storage.md); a second instance started by mistake reads
+    /// the same records, and the claims and delivered markers keep that harmless.
+    #[arg(
+        long = "kafka-assignment",
+        env = "KAFKA_ASSIGNMENT",
+        value_enum,
+        default_value_t = Assignment::Group
+    )]
+    pub assignment: Assignment,
     /// Static group membership (`group.instance.id`): a stable, unique name per consumer
     /// instance (e.g. `relay-1`). A process restarted after a crash then takes its old place in
     /// the group at once instead of waiting out the session timeout (and, on tansu 0.6, instead
-    /// of being left with no partitions). Never give two live processes the same id.
+    /// of being left with no partitions). Never give two live processes the same id. The
+    /// ai-consumer also names its claim leases with it (with `KAFKA_ASSIGNMENT=all`, where no
+    /// group membership is used, that is its only use).
     #[arg(long = "kafka-group-instance-id", env = "KAFKA_GROUP_INSTANCE_ID")]
     pub group_instance_id: Option<String>,
     /// Replication factor of each topic when the service creates it (1 locally, 3 in production).
@@ -89,6 +104,15 @@ pub struct KafkaConfig {
     /// (acks, idempotence, offset storage) are applied after these and win.
     #[arg(skip = kafka_properties_from_env())]
     pub properties: Vec<(String, String)>,
+}
+
+/// How a consumer gets its partitions (see [`KafkaConfig::assignment`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Assignment {
+    /// Kafka's consumer-group protocol: JoinGroup/SyncGroup, partitions shared by the instances.
+    Group,
+    /// Every partition of the topic, assigned by hand; offsets committed to the group.
+    All,
 }
 
 /// Prefix of the environment variables that carry extra librdkafka properties.
@@ -203,6 +227,7 @@ mod tests {
         assert_eq!(k.partitions, 8);
         assert_eq!(k.fetch_wait_max_ms, 5);
         assert_eq!(k.group_instance_id, None);
+        assert_eq!(k.assignment, Assignment::Group);
         let r = RedisConfig::local("redis://h:1");
         assert_eq!(r.command_timeout_ms, 2_000);
         let t: TelemetryConfig = defaults();

@@ -25,7 +25,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 
-use crate::config::KafkaConfig;
+use crate::config::{Assignment, KafkaConfig};
 use crate::metrics as m;
 use crate::offset_gaps::{GapDetector, Verdict};
 use crate::retry::{RetryError, RetryPolicy, kafka_class, retry};
@@ -82,18 +82,22 @@ pub fn producer(cfg: &KafkaConfig, service: &str) -> Result<FutureProducer, Kafk
         })
 }
 
-/// A consumer in `group` with offsets stored by hand, reporting lag and rebalances through [`ObservedContext`].
+/// A consumer in `group` with offsets stored by hand, reporting lag and rebalances through
+/// [`ObservedContext`], reading `topics`: subscribed through the group protocol, or, with
+/// [`Assignment::All`], every partition of them assigned by hand (no group membership, so no
+/// coordinator can leave it without partitions; offsets are still committed to `group`).
 ///
 /// # Errors
-/// When librdkafka refuses the configuration or the subscription.
-pub fn consumer(
+/// When librdkafka refuses the configuration or the subscription, or (with
+/// [`Assignment::All`]) the topics' partitions cannot be read within `timeout`.
+pub async fn consumer(
     cfg: &KafkaConfig,
     service: &'static str,
     group: &str,
     topics: &[&str],
 ) -> Result<StreamConsumer<ObservedContext>, KafkaSetupError> {
     let mut config = base_config(cfg);
-    if let Some(id) = &cfg.group_instance_id {
+    if let (Some(id), Assignment::Group) = (&cfg.group_instance_id, cfg.assignment) {
         config.set("group.instance.id", id);
     }
     let consumer: StreamConsumer<ObservedContext> = config
@@ -118,15 +122,92 @@ pub fn consumer(
             servers: cfg.bootstrap_servers.clone(),
             source,
         })?;
+    match cfg.assignment {
+        Assignment::Group => {
+            consumer
+                .subscribe(topics)
+                .map_err(|source| KafkaSetupError::Client {
+                    what: "subscription",
+                    servers: cfg.bootstrap_servers.clone(),
+                    source,
+                })?;
+            Ok(consumer)
+        }
+        Assignment::All => assign_all(consumer, cfg, topics).await,
+    }
+}
+
+/// Assigns every partition of `topics` to `consumer` from its committed offsets.
+async fn assign_all(
+    consumer: StreamConsumer<ObservedContext>,
+    cfg: &KafkaConfig,
+    topics: &[&str],
+) -> Result<StreamConsumer<ObservedContext>, KafkaSetupError> {
+    let servers = cfg.bootstrap_servers.clone();
+    let unreachable = |reason: String| KafkaSetupError::Unreachable {
+        servers: servers.clone(),
+        reason,
+    };
+    let wanted: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+    let timeout = METADATA_TIMEOUT;
+    let (consumer, partitions) = tokio::task::spawn_blocking(move || {
+        let md = consumer.fetch_metadata(None, timeout);
+        let partitions = md.map(|md| {
+            md.topics()
+                .iter()
+                .filter(|t| wanted.iter().any(|w| w == t.name()))
+                .flat_map(|t| {
+                    t.partitions()
+                        .iter()
+                        .map(|p| (t.name().to_owned(), p.id()))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<BTreeSet<_>>()
+        });
+        (consumer, partitions)
+    })
+    .await
+    .map_err(|e| unreachable(e.to_string()))?;
+    let partitions = partitions.map_err(|e| unreachable(e.to_string()))?;
+    let missing: Vec<&str> = topics
+        .iter()
+        .copied()
+        .filter(|t| !partitions.iter().any(|(name, _)| name == t))
+        .collect();
+    if !missing.is_empty() {
+        return Err(KafkaSetupError::MissingTopics {
+            servers: cfg.bootstrap_servers.clone(),
+            missing: missing.join(", "),
+        });
+    }
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (topic, partition) in &partitions {
+        tpl.add_partition_offset(topic, *partition, Offset::Stored)
+            .map_err(|source| KafkaSetupError::Client {
+                what: "assignment",
+                servers: cfg.bootstrap_servers.clone(),
+                source,
+            })?;
+    }
     consumer
-        .subscribe(topics)
+        .assign(&tpl)
         .map_err(|source| KafkaSetupError::Client {
-            what: "subscription",
+            what: "assignment",
             servers: cfg.bootstrap_servers.clone(),
             source,
         })?;
+    let membership = consumer.context().membership();
+    membership.update(|a| a.extend(partitions));
+    tracing::info!(
+        service = membership.service,
+        partitions = membership.partition_count(),
+        "assigned every partition by hand (KAFKA_ASSIGNMENT=all)"
+    );
     Ok(consumer)
 }
+
+/// How long a start-up metadata request may take.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Which partitions a consumer holds, kept up to date by its rebalance callbacks.
 ///

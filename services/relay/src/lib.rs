@@ -99,8 +99,9 @@ impl Application {
         )
         .await
         .context("refusing to start")?;
-        let consumer =
-            kafka::consumer(&kcfg, "relay", &cfg.group, &[&topic]).context("Kafka consumer")?;
+        let consumer = kafka::consumer(&kcfg, "relay", &cfg.group, &[&topic])
+            .await
+            .context("Kafka consumer")?;
         let membership = consumer.context().membership();
         let redis = colloquy_core::redis::pool(&redis)
             .await
