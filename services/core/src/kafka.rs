@@ -420,7 +420,29 @@ pub fn admit_offset<C>(
 where
     C: Consumer<ObservedContext>,
 {
-    let service = consumer.context().service;
+    admit_offset_for(
+        consumer.context().service,
+        consumer,
+        gaps,
+        topic,
+        partition,
+        offset,
+    )
+}
+
+/// [`admit_offset`] for a consumer with any context, counted under `service`.
+pub fn admit_offset_for<C, X>(
+    service: &'static str,
+    consumer: &C,
+    gaps: &mut GapDetector,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> bool
+where
+    C: Consumer<X>,
+    X: ConsumerContext,
+{
     match gaps.observe(partition, offset) {
         Verdict::Process => true,
         Verdict::Gap { expected, got } => {
