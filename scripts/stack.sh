@@ -228,8 +228,23 @@ cmd_up() {
 
   # nginx's prefix is run/: its relative paths are run/logs, run/pids (it writes the same pid we
   # record) and run/nginx for temp files.
+  # The edge's per-address limits can be raised for a load test from one address (every
+  # simulated user comes from 127.0.0.1): EDGE_SOCKETS_PER_ADDR (256), EDGE_TOKENS_PER_SEC (20)
+  # and EDGE_TOKEN_BURST (200). The rendered copy is run/nginx.conf.
+  local sockets="${EDGE_SOCKETS_PER_ADDR:-256}" tokens="${EDGE_TOKENS_PER_SEC:-20}" burst="${EDGE_TOKEN_BURST:-200}"
+  for v in "$sockets" "$tokens" "$burst"; do
+    case "$v" in ''|*[!0-9]*) die "EDGE_* limits must be whole numbers (got '$v')" ;; esac
+  done
+  sed -e "s/zone=token_per_addr:10m  rate=20r\/s;/zone=token_per_addr:10m  rate=${tokens}r\/s;/" \
+      -e "s/zone=token_per_addr burst=200 nodelay;/zone=token_per_addr burst=${burst} nodelay;/" \
+      -e "s/limit_conn          ws_per_addr 256;/limit_conn          ws_per_addr ${sockets};/" \
+      "$REPO/infra/nginx.conf" > "$RUN/nginx.conf"
+  for want in "rate=${tokens}r/s;" "burst=${burst} nodelay;" "ws_per_addr ${sockets};"; do
+    grep -qF "$want" "$RUN/nginx.conf" || die "infra/nginx.conf changed: cannot set '$want' (fix scripts/stack.sh)"
+  done
+  [ "$sockets$tokens$burst" = 25620200 ] || log "edge limits per address: ${sockets} sockets, ${tokens} tokens/s (burst ${burst})"
   start nginx "$RUN" -- \
-    nginx -p "$RUN" -c "$REPO/infra/nginx.conf" -e "$LOGS/nginx-error.log" -g 'daemon off;'
+    nginx -p "$RUN" -c "$RUN/nginx.conf" -e "$LOGS/nginx-error.log" -g 'daemon off;'
   wait_for nginx 20 port_open 8080
 
   # The synthetic prober: a probe user through the edge every 15 s (colloquy_probe_success).

@@ -205,8 +205,9 @@ impl Application {
         let progress = Arc::new(Notify::new());
         let tasks = TaskTracker::new();
         let mut gaps = GapDetector::default();
-        let mut generation = self.membership.generation();
+        let mut generation = None;
         let mut paused = false;
+        let mut stall_check = tokio::time::interval(kafka::STALL_CHECK);
         tokio::spawn(kafka::rejoin_when_idle(
             Arc::clone(&self.consumer),
             vec![self.incoming_topic.clone()],
@@ -217,9 +218,9 @@ impl Application {
         loop {
             // A rebalance: per-partition state of what we no longer hold is forgotten, and
             // reading restarts from committed offsets (a rewind, never a gap).
-            if self.membership.generation() != generation {
-                generation = self.membership.generation();
-                gaps.clear();
+            if Some(self.membership.generation()) != generation {
+                generation = Some(self.membership.generation());
+                kafka::reset_gaps(&mut gaps, &self.membership, &self.incoming_topic);
                 let held = self.membership.partitions(&self.incoming_topic);
                 lock(&tracker).retain(|p| held.contains(&p));
                 paused = false;
@@ -234,6 +235,16 @@ impl Application {
             let msg = tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = progress.notified(), if paused => continue,
+                _ = stall_check.tick(), if !paused => {
+                    kafka::heal_stalled(
+                        "ai-consumer",
+                        &*self.consumer,
+                        &mut gaps,
+                        &self.incoming_topic,
+                        &self.membership.high_watermarks(&self.incoming_topic),
+                    );
+                    continue;
+                }
                 m = self.consumer.recv() => m,
             };
             let msg = match msg {

@@ -196,7 +196,25 @@ async fn assign_all(
             servers: cfg.bootstrap_servers.clone(),
             source,
         })?;
+    // Where reading starts: a committed offset can sit inside a record batch, and tansu's
+    // memory engine answers such a fetch from the next batch; the gap detector is told.
+    let (consumer, committed) = tokio::task::spawn_blocking(move || {
+        let committed = consumer.committed_offsets(tpl, METADATA_TIMEOUT);
+        (consumer, committed)
+    })
+    .await
+    .map_err(|e| unreachable(e.to_string()))?;
+    let starts = committed
+        .map_err(|e| unreachable(format!("committed offsets: {e}")))?
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+            _ => None,
+        })
+        .collect();
     let membership = consumer.context().membership();
+    *membership.starts() = starts;
     membership.update(|a| a.extend(partitions));
     tracing::info!(
         service = membership.service,
@@ -221,6 +239,8 @@ pub struct Membership {
     assigned: Mutex<BTreeSet<(String, i32)>>,
     empty_since: Mutex<Option<Instant>>,
     generation: AtomicU64,
+    starts: Mutex<std::collections::BTreeMap<(String, i32), i64>>,
+    high_watermarks: Mutex<std::collections::BTreeMap<(String, i32), i64>>,
 }
 
 impl Membership {
@@ -230,6 +250,8 @@ impl Membership {
             assigned: Mutex::new(BTreeSet::new()),
             empty_since: Mutex::new(Some(Instant::now())),
             generation: AtomicU64::new(0),
+            starts: Mutex::new(std::collections::BTreeMap::new()),
+            high_watermarks: Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 
@@ -251,6 +273,34 @@ impl Membership {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = (count == 0).then(Instant::now);
         self.generation.fetch_add(1, Ordering::AcqRel);
         metrics::gauge!(m::ASSIGNED_PARTITIONS, "service" => self.service).set(count as f64);
+    }
+
+    fn starts(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(String, i32), i64>> {
+        self.starts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The committed offsets reading of `topic` started from, where known (manual assignment).
+    #[must_use]
+    pub fn start_offsets(&self, topic: &str) -> Vec<(i32, i64)> {
+        self.starts()
+            .iter()
+            .filter(|((t, _), _)| t == topic)
+            .map(|((_, p), o)| (*p, *o))
+            .collect()
+    }
+
+    /// The high watermark of each partition of `topic`, as of the client's last statistics.
+    #[must_use]
+    pub fn high_watermarks(&self, topic: &str) -> std::collections::BTreeMap<i32, i64> {
+        self.high_watermarks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|((t, _), _)| t == topic)
+            .map(|((_, p), o)| (*p, *o))
+            .collect()
     }
 
     /// Partitions of `topic` held now.
@@ -314,8 +364,16 @@ impl ObservedContext {
 
 impl ClientContext for ObservedContext {
     fn stats(&self, statistics: Statistics) {
+        let mut highs = self
+            .membership
+            .high_watermarks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.hi_offset >= 0 {
+                    highs.insert((topic.clone(), *partition), p.hi_offset);
+                }
                 if *partition < 0 || p.consumer_lag < 0 {
                     continue;
                 }
@@ -445,7 +503,12 @@ where
 {
     match gaps.observe(partition, offset) {
         Verdict::Process => true,
-        Verdict::Gap { expected, got } => {
+        Verdict::Skip => false,
+        Verdict::Gap {
+            expected,
+            got,
+            seek_to,
+        } => {
             metrics::counter!(m::OFFSET_GAPS, "service" => service, "topic" => topic.to_owned())
                 .increment(1);
             tracing::error!(
@@ -454,12 +517,13 @@ where
                 partition,
                 expected,
                 got,
+                seek_to,
                 "offset gap: records skipped by the fetch; seeking back"
             );
             if let Err(e) = consumer.seek(
                 topic,
                 partition,
-                Offset::Offset(expected),
+                Offset::Offset(seek_to),
                 Duration::from_secs(2),
             ) {
                 tracing::error!(service, topic, partition, error = %e, "seek back failed; the partition will be re-read after a rebalance");
@@ -480,6 +544,62 @@ where
         }
     }
 }
+
+/// Every few seconds: seeks back on each partition whose reading has stalled below its high
+/// watermark (see [`GapDetector::stalled`]), counted and logged as a gap.
+/// `high_watermarks` are the latest known per partition (from the client's statistics).
+pub fn heal_stalled<C, X>(
+    service: &'static str,
+    consumer: &C,
+    gaps: &mut GapDetector,
+    topic: &str,
+    high_watermarks: &std::collections::BTreeMap<i32, i64>,
+) where
+    C: Consumer<X>,
+    X: ConsumerContext,
+{
+    let partitions: Vec<i32> = gaps.partitions().collect();
+    for partition in partitions {
+        let Some(&high) = high_watermarks.get(&partition) else {
+            continue;
+        };
+        let Some((expected, seek_to)) = gaps.stalled(partition, high) else {
+            continue;
+        };
+        metrics::counter!(m::OFFSET_GAPS, "service" => service, "topic" => topic.to_owned())
+            .increment(1);
+        tracing::error!(
+            service,
+            topic,
+            partition,
+            expected,
+            high_watermark = high,
+            seek_to,
+            "offset gap: reading stalled below the high watermark; seeking back"
+        );
+        if let Err(e) = consumer.seek(
+            topic,
+            partition,
+            Offset::Offset(seek_to),
+            Duration::from_secs(2),
+        ) {
+            tracing::error!(service, topic, partition, error = %e, "seek back failed");
+        }
+    }
+}
+
+/// After an assignment changed: forgets every partition's reading state, and tells `gaps`
+/// where reading of `topic` starts where that is known (the committed offsets of a manual
+/// assignment), so a first record further on is a gap too.
+pub fn reset_gaps(gaps: &mut GapDetector, membership: &Membership, topic: &str) {
+    gaps.clear();
+    for (partition, offset) in membership.start_offsets(topic) {
+        gaps.expect(partition, offset);
+    }
+}
+
+/// How often consumers look for reading stalled below the high watermark.
+pub const STALL_CHECK: Duration = Duration::from_secs(2);
 
 /// Creates every topic in `topics` that does not exist yet.
 ///

@@ -181,17 +181,28 @@ impl Application {
         }
         tracing::info!(topic = %self.topic, "relay running");
         let mut gaps = GapDetector::default();
-        let mut generation = self.membership.generation();
+        let mut generation = None;
         let mut held: Vec<BorrowedMessage<'_>> = Vec::new();
+        let mut stall_check = tokio::time::interval(kafka::STALL_CHECK);
         loop {
-            if self.membership.generation() != generation {
-                generation = self.membership.generation();
-                gaps.clear();
+            if Some(self.membership.generation()) != generation {
+                generation = Some(self.membership.generation());
+                kafka::reset_gaps(&mut gaps, &self.membership, &self.topic);
             }
             let mut batch = std::mem::take(&mut held);
             if batch.is_empty() {
                 let first = tokio::select! {
                     () = shutdown.cancelled() => break,
+                    _ = stall_check.tick() => {
+                        kafka::heal_stalled(
+                            "relay",
+                            &*self.consumer,
+                            &mut gaps,
+                            &self.topic,
+                            &self.membership.high_watermarks(&self.topic),
+                        );
+                        continue;
+                    }
                     m = self.consumer.recv() => m,
                 };
                 match first {

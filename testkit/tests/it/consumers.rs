@@ -677,3 +677,112 @@ fn plain_consumer(bootstrap: &str, topic: &str) -> rdkafka::consumer::StreamCons
     consumer.assign(&tpl).expect("assigned");
     consumer
 }
+
+/// Produces `n` records to partition 0 of `topic` as one batch (sent together, one linger).
+async fn produce_one_batch(k: &KafkaConfig, topic: &str, n: usize) {
+    let mut k = k.clone();
+    k.linger_ms = 200;
+    let producer: FutureProducer = kafka::producer(&k, "test").expect("producer");
+    let sends = (0..n).map(|i| {
+        let (producer, payload) = (producer.clone(), format!("{i}"));
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(topic)
+                        .partition(0)
+                        .key("k")
+                        .payload(&payload),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| e)
+        }
+    });
+    futures::future::try_join_all(sends)
+        .await
+        .expect("produced");
+}
+
+/// The broker behaviour behind most of the skipped records (issue 11), reproduced: tansu 0.6's
+/// memory engine answers a fetch that starts inside a record batch from the *next* batch
+/// (`dynostore.rs` `fetch`: batches whose base offset is at or after the fetch offset), where
+/// Kafka returns the batch holding the offset. librdkafka fetches from inside a batch after a
+/// pause and resume, after a restart from a committed offset, and after a seek: the rest of the
+/// batch is skipped every time. A characterization of the broker the local stacks run: if a
+/// tansu upgrade fixes it, this fails and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_memory_engine_skips_the_rest_of_a_batch_when_a_fetch_starts_inside_it() {
+    let infra = Infra::start().await.unwrap();
+    let k = one_partition(&infra);
+    let topic = unique("midbatch");
+    kafka::ensure_topics(&k, std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    produce_one_batch(&k, &topic, 10).await;
+    produce_one_batch(&k, &topic, 10).await;
+    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &k.bootstrap_servers)
+        .set("group.id", unique("g"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(5))
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let first = tokio::time::timeout(T, consumer.recv())
+        .await
+        .expect("a record")
+        .unwrap();
+    assert_eq!(
+        first.offset(),
+        10,
+        "asked for offset 5 (inside the first batch, 0..=9); tansu 0.6's memory engine answers from the next batch"
+    );
+}
+
+/// The defence against it: a consumer restarted at a committed offset inside a batch (and so
+/// handed the next batch first) sees the gap, seeks further back, skips what it had processed
+/// and processes every record from the committed offset on, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_inside_a_batch_reads_every_record_from_the_committed_offset() {
+    let infra = Infra::start().await.unwrap();
+    let mut k = one_partition(&infra);
+    k.assignment = colloquy_core::config::Assignment::All;
+    let topic = unique("restart");
+    kafka::ensure_topics(&k, std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    produce_one_batch(&k, &topic, 10).await;
+    produce_one_batch(&k, &topic, 10).await;
+    let group = unique("g");
+    // A previous process processed 0..=4 and committed 5.
+    {
+        let before = kafka::consumer(&k, "relay", &group, &[&topic])
+            .await
+            .unwrap();
+        before.store_offset(&topic, 0, 4).unwrap();
+        before
+            .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+            .unwrap();
+    }
+    let consumer = kafka::consumer(&k, "relay", &group, &[&topic])
+        .await
+        .unwrap();
+    let membership = consumer.context().membership();
+    assert_eq!(membership.start_offsets(&topic), vec![(0, 5)]);
+    let mut gaps = GapDetector::default();
+    kafka::reset_gaps(&mut gaps, &membership, &topic);
+    let mut processed = Vec::new();
+    while processed.len() < 15 {
+        let msg = tokio::time::timeout(T, consumer.recv())
+            .await
+            .expect("records stopped arriving")
+            .unwrap();
+        if kafka::admit_offset(&consumer, &mut gaps, &topic, 0, msg.offset()) {
+            processed.push(msg.offset());
+        }
+    }
+    assert_eq!(processed, (5..20).collect::<Vec<i64>>());
+}
