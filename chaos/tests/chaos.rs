@@ -27,9 +27,14 @@ fn init_log() {
 /// twice to a connection, nothing invented, and every message answered (a response or
 /// `llm_failed`) before the load's timeout.
 async fn check(scenario: Scenario) -> anyhow::Result<()> {
+    check_with(scenario, &ScenarioConfig::default()).await
+}
+
+/// [`check`] with a load and downtime of its own.
+async fn check_with(scenario: Scenario, cfg: &ScenarioConfig) -> anyhow::Result<()> {
     init_log();
     let _turn = ONE_AT_A_TIME.lock().await;
-    let report = scenarios::run(scenario, &ScenarioConfig::default()).await?;
+    let report = scenarios::run(scenario, cfg).await?;
     eprintln!("{report}");
     assert!(report.acked > 0, "nothing was acked: {report}");
     assert_eq!(report.lost, 0, "acked messages were lost: {report}");
@@ -77,4 +82,27 @@ async fn kill_the_broker() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llm_429_storm() -> anyhow::Result<()> {
     check(Scenario::Llm429Storm).await
+}
+
+/// Issue 11's restart, as an operator does it: kill -9, down 3 s, started again with the same
+/// command and environment (so the same `KAFKA_GROUP_INSTANCE_ID`), under 30 msg/s, on the
+/// durable broker. Every message is answered.
+fn restart_under_30_per_second() -> ScenarioConfig {
+    ScenarioConfig {
+        users: 10,
+        messages: 30,
+        rate: 30.0,
+        downtime: std::time::Duration::from_secs(3),
+        ..ScenarioConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_the_ai_consumer_after_3_s_under_30_per_second() -> anyhow::Result<()> {
+    check_with(Scenario::Consumer, &restart_under_30_per_second()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_the_relay_after_3_s_under_30_per_second() -> anyhow::Result<()> {
+    check_with(Scenario::Relay, &restart_under_30_per_second()).await
 }
