@@ -180,6 +180,8 @@ pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<BenchRow>> {
                 env("FAKE_LLM_TOKENS_PER_SEC", "0"),
             ],
             consumer_env: vec![env("MAX_IN_FLIGHT", &case.max_in_flight.to_string())],
+            // Every simulated user comes from 127.0.0.1.
+            edge: crate::nginx::EdgeLimits::load_test(),
             ..StackOptions::default()
         };
         let stack = Stack::launch(opts).await.context("bench stack")?;

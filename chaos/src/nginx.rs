@@ -18,6 +18,57 @@ const UPSTREAMS: [&str; 2] = [
     "server 127.0.0.1:8002 max_fails=1 fail_timeout=2s;",
 ];
 
+/// The edge's per-client-address limits: the committed ones by default; a load test whose
+/// simulated users all come from 127.0.0.1 raises them ([`EdgeLimits::load_test`]), as
+/// `scripts/stack.sh` does with `EDGE_SOCKETS_PER_ADDR`, `EDGE_TOKENS_PER_SEC`, `EDGE_TOKEN_BURST`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EdgeLimits {
+    pub sockets_per_addr: u32,
+    pub tokens_per_sec: u32,
+    pub token_burst: u32,
+}
+
+impl Default for EdgeLimits {
+    /// The limits as committed in `infra/nginx.conf`.
+    fn default() -> Self {
+        Self {
+            sockets_per_addr: 256,
+            tokens_per_sec: 20,
+            token_burst: 200,
+        }
+    }
+}
+
+impl EdgeLimits {
+    /// Room for 10,000 users from one address, connecting at once.
+    #[must_use]
+    pub fn load_test() -> Self {
+        Self {
+            sockets_per_addr: 20_000,
+            tokens_per_sec: 10_000,
+            token_burst: 20_000,
+        }
+    }
+
+    /// The template lines that hold the limits, and what they become.
+    fn lines(self) -> [(&'static str, String); 3] {
+        [
+            (
+                "zone=token_per_addr:10m  rate=20r/s;",
+                format!("zone=token_per_addr:10m  rate={}r/s;", self.tokens_per_sec),
+            ),
+            (
+                "zone=token_per_addr burst=200 nodelay;",
+                format!("zone=token_per_addr burst={} nodelay;", self.token_burst),
+            ),
+            (
+                "limit_conn          ws_per_addr 256;",
+                format!("limit_conn          ws_per_addr {};", self.sockets_per_addr),
+            ),
+        ]
+    }
+}
+
 /// Why the template could not be rendered.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RenderError {
@@ -41,15 +92,19 @@ impl std::fmt::Display for RenderError {
 
 impl std::error::Error for RenderError {}
 
-/// `infra/nginx.conf` with nginx listening on `port` in front of `gateways`.
+/// `infra/nginx.conf` with nginx listening on `port` in front of `gateways`, with `limits`.
 ///
 /// # Errors
 /// When the template no longer holds a line it must replace, or `gateways` is empty.
-pub fn render(port: u16, gateways: &[u16]) -> Result<String, RenderError> {
+pub fn render(port: u16, gateways: &[u16], limits: EdgeLimits) -> Result<String, RenderError> {
     if gateways.is_empty() {
         return Err(RenderError::NoGateways);
     }
-    for token in std::iter::once(LISTEN).chain(UPSTREAMS) {
+    let limit_lines = limits.lines();
+    for token in std::iter::once(LISTEN)
+        .chain(UPSTREAMS)
+        .chain(limit_lines.iter().map(|(from, _)| *from))
+    {
         if !TEMPLATE.contains(token) {
             return Err(RenderError::MissingToken(token));
         }
@@ -60,12 +115,16 @@ pub fn render(port: u16, gateways: &[u16]) -> Result<String, RenderError> {
         .map(|p| format!("server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;"))
         .collect::<Vec<_>>()
         .join(indent);
-    Ok(TEMPLATE
+    let mut conf = TEMPLATE
         .replace(LISTEN, &format!("listen       127.0.0.1:{port};"))
         .replace(
             &format!("{}{indent}{}", UPSTREAMS[0], UPSTREAMS[1]),
             &servers,
-        ))
+        );
+    for (from, to) in &limit_lines {
+        conf = conf.replace(from, to);
+    }
+    Ok(conf)
 }
 
 /// [`render`] for a stack that always has gateways.
@@ -73,8 +132,8 @@ pub fn render(port: u16, gateways: &[u16]) -> Result<String, RenderError> {
 /// # Panics
 /// Never for the committed template and a non-empty `gateways` (a unit test renders it).
 #[must_use]
-pub fn config(port: u16, gateways: &[u16]) -> String {
-    render(port, gateways).unwrap_or_else(|e| panic!("cannot render the edge: {e}"))
+pub fn config(port: u16, gateways: &[u16], limits: EdgeLimits) -> String {
+    render(port, gateways, limits).unwrap_or_else(|e| panic!("cannot render the edge: {e}"))
 }
 
 #[cfg(test)]
@@ -83,7 +142,7 @@ mod tests {
 
     #[test]
     fn lists_every_gateway_and_listens_on_the_port() {
-        let conf = render(18080, &[18001, 18002, 18003]).unwrap();
+        let conf = render(18080, &[18001, 18002, 18003], EdgeLimits::default()).unwrap();
         assert!(conf.contains("listen       127.0.0.1:18080;"));
         for p in [18001, 18002, 18003] {
             assert!(
@@ -96,7 +155,7 @@ mod tests {
 
     #[test]
     fn keeps_the_edge_rules() {
-        let conf = config(18080, &[18001]);
+        let conf = config(18080, &[18001], EdgeLimits::default());
         for rule in [
             "limit_req ",
             "limit_conn ",
@@ -110,6 +169,20 @@ mod tests {
 
     #[test]
     fn refuses_no_gateways() {
-        assert_eq!(render(1, &[]), Err(RenderError::NoGateways));
+        assert_eq!(
+            render(1, &[], EdgeLimits::default()),
+            Err(RenderError::NoGateways)
+        );
+    }
+
+    #[test]
+    fn committed_limits_stay_and_a_load_test_raises_them() {
+        let committed = config(18080, &[18001], EdgeLimits::default());
+        assert!(committed.contains("ws_per_addr 256;"));
+        assert!(committed.contains("rate=20r/s;") && committed.contains("burst=200 nodelay;"));
+        let load = config(18080, &[18001], EdgeLimits::load_test());
+        assert!(load.contains("ws_per_addr 20000;"), "{load}");
+        assert!(load.contains("rate=10000r/s;") && load.contains("burst=20000 nodelay;"));
+        assert!(!load.contains("ws_per_addr 256;"));
     }
 }

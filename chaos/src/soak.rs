@@ -236,6 +236,8 @@ pub async fn run(cfg: &SoakConfig) -> anyhow::Result<SoakReport> {
         name: "soak".into(),
         storage: cfg.storage,
         nginx: cfg.nginx,
+        // Every simulated user comes from 127.0.0.1.
+        edge: crate::nginx::EdgeLimits::load_test(),
         service_env: cfg.service_env.clone(),
         ..StackOptions::default()
     };

@@ -99,6 +99,8 @@ pub struct StackOptions {
     pub storage: Storage,
     /// Put nginx in front of the gateways when it is installed (clients then use only nginx).
     pub nginx: bool,
+    /// The edge's per-address limits (the committed ones unless a load test raises them).
+    pub edge: crate::nginx::EdgeLimits,
     /// Environment of the fake LLM (`FAKE_LLM_*`).
     pub fake_llm_env: Vec<(String, String)>,
     /// Extra environment of the ai-consumer.
@@ -113,6 +115,7 @@ impl Default for StackOptions {
             name: "stack".into(),
             storage: Storage::Sqlite,
             nginx: true,
+            edge: crate::nginx::EdgeLimits::default(),
             // An answer takes ~100 ms (50 ms to the first token, 8 tokens at 200/s), so a kill
             // always finds calls in flight and deltas streaming.
             fake_llm_env: vec![
@@ -500,7 +503,10 @@ impl Stack {
                         std::fs::create_dir_all(dir.join(sub))?;
                     }
                     let conf = dir.join("nginx").join("nginx.conf");
-                    std::fs::write(&conf, crate::nginx::config(port, &self.gateway_ports))?;
+                    std::fs::write(
+                        &conf,
+                        crate::nginx::config(port, &self.gateway_ports, opts.edge),
+                    )?;
                     let (prefix, conf, error_log) = (
                         format!("{}/", dir.display()),
                         conf.display().to_string(),
