@@ -241,7 +241,7 @@ impl Application {
                         &*self.consumer,
                         &mut gaps,
                         &self.incoming_topic,
-                        &self.membership.high_watermarks(&self.incoming_topic),
+                        &self.membership.fetch_states(&self.incoming_topic),
                     );
                     continue;
                 }

@@ -27,7 +27,7 @@ use rdkafka::util::Timeout;
 
 use crate::config::{Assignment, KafkaConfig};
 use crate::metrics as m;
-use crate::offset_gaps::{GapDetector, Verdict};
+use crate::offset_gaps::{FetchState, GapDetector, Verdict};
 use crate::retry::{RetryError, RetryPolicy, kafka_class, retry};
 
 /// Errors setting up Kafka clients.
@@ -240,7 +240,7 @@ pub struct Membership {
     empty_since: Mutex<Option<Instant>>,
     generation: AtomicU64,
     starts: Mutex<std::collections::BTreeMap<(String, i32), i64>>,
-    high_watermarks: Mutex<std::collections::BTreeMap<(String, i32), i64>>,
+    fetch_states: Mutex<std::collections::BTreeMap<(String, i32), FetchState>>,
 }
 
 impl Membership {
@@ -251,7 +251,7 @@ impl Membership {
             empty_since: Mutex::new(Some(Instant::now())),
             generation: AtomicU64::new(0),
             starts: Mutex::new(std::collections::BTreeMap::new()),
-            high_watermarks: Mutex::new(std::collections::BTreeMap::new()),
+            fetch_states: Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 
@@ -291,15 +291,15 @@ impl Membership {
             .collect()
     }
 
-    /// The high watermark of each partition of `topic`, as of the client's last statistics.
+    /// What the client reported of each partition of `topic` in its last statistics.
     #[must_use]
-    pub fn high_watermarks(&self, topic: &str) -> std::collections::BTreeMap<i32, i64> {
-        self.high_watermarks
+    pub fn fetch_states(&self, topic: &str) -> std::collections::BTreeMap<i32, FetchState> {
+        self.fetch_states
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .filter(|((t, _), _)| t == topic)
-            .map(|((_, p), o)| (*p, *o))
+            .map(|((_, p), f)| (*p, *f))
             .collect()
     }
 
@@ -364,15 +364,22 @@ impl ObservedContext {
 
 impl ClientContext for ObservedContext {
     fn stats(&self, statistics: Statistics) {
-        let mut highs = self
+        let mut fetch_states = self
             .membership
-            .high_watermarks
+            .fetch_states
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 if *partition >= 0 && p.hi_offset >= 0 {
-                    highs.insert((topic.clone(), *partition), p.hi_offset);
+                    fetch_states.insert(
+                        (topic.clone(), *partition),
+                        FetchState {
+                            high_watermark: p.hi_offset,
+                            position: p.next_offset,
+                            queued: p.fetchq_cnt,
+                        },
+                    );
                 }
                 if *partition < 0 || p.consumer_lag < 0 {
                     continue;
@@ -547,23 +554,23 @@ where
 
 /// Every few seconds: seeks back on each partition whose reading has stalled below its high
 /// watermark (see [`GapDetector::stalled`]), counted and logged as a gap.
-/// `high_watermarks` are the latest known per partition (from the client's statistics).
+/// `fetch_states` are the latest known per partition (from the client's statistics).
 pub fn heal_stalled<C, X>(
     service: &'static str,
     consumer: &C,
     gaps: &mut GapDetector,
     topic: &str,
-    high_watermarks: &std::collections::BTreeMap<i32, i64>,
+    fetch_states: &std::collections::BTreeMap<i32, FetchState>,
 ) where
     C: Consumer<X>,
     X: ConsumerContext,
 {
     let partitions: Vec<i32> = gaps.partitions().collect();
     for partition in partitions {
-        let Some(&high) = high_watermarks.get(&partition) else {
+        let Some(&fetch) = fetch_states.get(&partition) else {
             continue;
         };
-        let Some((expected, seek_to)) = gaps.stalled(partition, high) else {
+        let Some((expected, seek_to)) = gaps.stalled(partition, fetch) else {
             continue;
         };
         metrics::counter!(m::OFFSET_GAPS, "service" => service, "topic" => topic.to_owned())
@@ -573,7 +580,7 @@ pub fn heal_stalled<C, X>(
             topic,
             partition,
             expected,
-            high_watermark = high,
+            high_watermark = fetch.high_watermark,
             seek_to,
             "offset gap: reading stalled below the high watermark; seeking back"
         );

@@ -65,6 +65,17 @@ impl PartitionState {
     }
 }
 
+/// What the client reports of a partition it reads (librdkafka's statistics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FetchState {
+    /// The partition's high watermark.
+    pub high_watermark: i64,
+    /// The offset the client fetches next.
+    pub position: i64,
+    /// Records fetched and not yet handed to the application.
+    pub queued: i64,
+}
+
 /// Next expected offset of every partition this consumer reads.
 #[derive(Debug, Default)]
 pub struct GapDetector {
@@ -127,13 +138,16 @@ impl GapDetector {
         self.partitions.insert(partition, PartitionState::new(next));
     }
 
-    /// Called every few seconds with the partition's high watermark: records are waiting
-    /// (`next` below it) and nothing was read since the last call. That is a fetch stuck inside
-    /// a batch at the end of the log (nothing after it to reveal the gap): returns the missing
-    /// offset and where to seek, going further back on each call, like a gap.
-    pub fn stalled(&mut self, partition: i32, high_watermark: i64) -> Option<(i64, i64)> {
+    /// Called every few seconds with what the client reports of the partition: its high
+    /// watermark, the offset it fetches next and how many records it holds fetched. Records are
+    /// waiting (`next` below the high watermark), the client holds none and fetches nothing
+    /// beyond `next`, and nothing was read since the last call: a fetch stuck inside a batch at
+    /// the end of the log (nothing after it to reveal the gap). Returns the missing offset and
+    /// where to seek, going further back on each call, like a gap. A consumer that is merely
+    /// behind has records fetched ahead of `next`, and is left alone.
+    pub fn stalled(&mut self, partition: i32, fetch: FetchState) -> Option<(i64, i64)> {
         let state = self.partitions.get_mut(&partition)?;
-        if state.next >= high_watermark {
+        if state.next >= fetch.high_watermark || fetch.queued > 0 || fetch.position > state.next {
             state.waiting_at = None;
             return None;
         }
@@ -351,7 +365,8 @@ mod tests {
                 let records = broker.fetch(position, max);
                 if records.is_empty() {
                     // Stuck inside the last batch: the periodic stall check finds it.
-                    if let Some((_, seek_to)) = g.stalled(0, end) {
+                    let fetch = FetchState { high_watermark: end, position, queued: 0 };
+                    if let Some((_, seek_to)) = g.stalled(0, fetch) {
                         position = seek_to;
                     }
                     continue;
@@ -380,19 +395,47 @@ mod tests {
 
     #[test]
     fn a_fetch_stuck_inside_the_last_batch_is_found_by_the_stall_check() {
+        let fetch = |high_watermark, position, queued| FetchState {
+            high_watermark,
+            position,
+            queued,
+        };
         let mut g = GapDetector::default();
         g.expect(0, 7);
-        assert_eq!(g.stalled(0, 7), None, "nothing waiting");
-        assert_eq!(g.stalled(0, 10), None, "first sight: maybe still fetching");
+        assert_eq!(g.stalled(0, fetch(7, 7, 0)), None, "nothing waiting");
         assert_eq!(
-            g.stalled(0, 10),
+            g.stalled(0, fetch(10, 7, 0)),
+            None,
+            "first sight: maybe still fetching"
+        );
+        assert_eq!(
+            g.stalled(0, fetch(10, 7, 0)),
             Some((7, 0)),
             "no progress since: seek back"
         );
         assert_eq!(g.observe(0, 3), Verdict::Skip);
         assert_eq!(g.observe(0, 7), Verdict::Process);
-        assert_eq!(g.stalled(0, 10), None, "progress resets the check");
-        assert_eq!(g.stalled(0, 8), None);
+        assert_eq!(
+            g.stalled(0, fetch(10, 8, 0)),
+            None,
+            "progress resets the check"
+        );
+        assert_eq!(g.stalled(0, fetch(8, 8, 0)), None);
+    }
+
+    #[test]
+    fn a_consumer_that_is_only_behind_is_not_stalled() {
+        let fetch = |position, queued| FetchState {
+            high_watermark: 20_000,
+            position,
+            queued,
+        };
+        let mut g = GapDetector::default();
+        g.expect(1, 10_009);
+        for _ in 0..5 {
+            assert_eq!(g.stalled(1, fetch(12_000, 0)), None, "fetched ahead");
+            assert_eq!(g.stalled(1, fetch(10_009, 500)), None, "records queued");
+        }
     }
 
     #[test]

@@ -199,7 +199,7 @@ impl Application {
                             &*self.consumer,
                             &mut gaps,
                             &self.topic,
-                            &self.membership.high_watermarks(&self.topic),
+                            &self.membership.fetch_states(&self.topic),
                         );
                         continue;
                     }
