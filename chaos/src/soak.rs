@@ -20,7 +20,7 @@ use colloquy_testkit::checker::{Checker, Interval};
 use colloquy_testkit::load::{self, LoadConfig, LoadReport, Protocol, fmt_ms};
 
 use crate::scenarios::inject;
-use crate::stack::{Component, Stack, StackOptions, Storage};
+use crate::stack::{Component, Stack, StackOptions, Storage, env};
 
 /// Width of a row of the soak's table.
 pub const ROW: Duration = Duration::from_secs(10);
@@ -239,6 +239,14 @@ pub async fn run(cfg: &SoakConfig) -> anyhow::Result<SoakReport> {
         // Every simulated user comes from 127.0.0.1.
         edge: crate::nginx::EdgeLimits::load_test(),
         service_env: cfg.service_env.clone(),
+        // A soak tests the pipeline at its rate, not the model: answers take 20 ms (about 30
+        // calls in flight at 1,500 msg/s, so every kill of the ai-consumer finds some), and
+        // 200 calls may run at once (the default 50 at ~100 ms caps the stack near 500 msg/s).
+        fake_llm_env: vec![
+            env("FAKE_LLM_LATENCY_MS", "20"),
+            env("FAKE_LLM_TOKENS_PER_SEC", "0"),
+        ],
+        consumer_env: vec![env("MAX_IN_FLIGHT", "200")],
         ..StackOptions::default()
     };
     let mut stack = Stack::launch(opts).await.context("soak stack")?;
