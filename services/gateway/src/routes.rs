@@ -211,10 +211,13 @@ async fn health() -> &'static str {
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let kafka_ok = kafka::is_reachable(&state.producer, Duration::from_secs(1)).await;
-    let redis_ok = matches!(
-        tokio::time::timeout(Duration::from_secs(1), state.redis.ping::<String>(None)).await,
-        Ok(Ok(_))
-    );
+    // Every connection of the pool, not just the one a PING happens to use: after Redis was
+    // LOADING, fred brings the pool's connections up one by one.
+    let redis_ok = state.redis.clients().iter().all(ClientLike::is_connected)
+        && matches!(
+            tokio::time::timeout(Duration::from_secs(1), state.redis.ping::<String>(None)).await,
+            Ok(Ok(_))
+        );
     // Deliveries need the subscriber too: until it is connected every socket would get 1013.
     let deliveries_ok = state.fanout.is_connected();
     let body = Json(json!({ "kafka": kafka_ok, "redis": redis_ok, "deliveries": deliveries_ok }));

@@ -833,7 +833,6 @@ impl Drop for LoadingRedis {
 // fred's first connection gets `LOADING` from Redis, the pool's and the subscriber's `init()`
 // fail with it, and fred does not retry a failed initial connection: `core/src/redis.rs` keeps
 // calling `init()` in the background until it succeeds, so the gateway becomes ready.
-#[ignore = "timing-sensitive on a loaded machine: passes alone, but in the full CI run a pool connection can still answer LOADING after /ready (run with --ignored)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_started_while_redis_is_loading_becomes_ready_when_redis_does() {
     let app = TestApp::spawn().await.unwrap();
