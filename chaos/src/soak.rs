@@ -247,7 +247,6 @@ pub async fn run(cfg: &SoakConfig) -> anyhow::Result<SoakReport> {
             env("FAKE_LLM_TOKENS_PER_SEC", "0"),
         ],
         consumer_env: vec![env("MAX_IN_FLIGHT", "200")],
-        ..StackOptions::default()
     };
     let mut stack = Stack::launch(opts).await.context("soak stack")?;
     match drive(cfg, &mut stack).await {

@@ -42,7 +42,10 @@ impl Edge {
         }
         let port = colloquy_testkit::infra::free_port()?;
         let conf = prefix.path().join("nginx.conf");
-        std::fs::write(&conf, nginx::render(port, gateways)?)?;
+        std::fs::write(
+            &conf,
+            nginx::render(port, gateways, nginx::EdgeLimits::default())?,
+        )?;
         let child = Command::new(bin)
             .arg("-p")
             .arg(format!("{}/", prefix.path().display()))
