@@ -6,7 +6,7 @@
 #      and cargo test --workspace   (the testkit uses containers or local processes: COLLOQUY_TESTKIT)
 #   4. promtool check/test rules    (alerts/*.yml, alerts/tests/*.yml, when present)
 #   5. the container deployment     (infra/compose-test.sh test: compose config, up, 250/250 through
-#                                    nginx, three container faults, down; about 3.5 min), when
+#                                    nginx, three container faults, down; about 4 min), when
 #                                    Docker works; otherwise only the compose files (validate)
 # Usage: scripts/test.sh [--processes] [extra cargo test args...]
 #   --processes   force COLLOQUY_TESTKIT=processes even when a Docker engine is reachable
