@@ -209,6 +209,7 @@ async fn step(cfg: &BenchConfig, case: &BenchCase, stack: &Stack, rate: f64) -> 
         protocol: Protocol::Full,
         timeout_secs: 120,
         user_prefix: format!("bench-{rate:.0}"),
+        admin_token: None,
     };
     load_cfg.messages = load_cfg.messages_for(cfg.step.as_secs_f64());
     let schedule = load_cfg.schedule();

@@ -185,6 +185,7 @@ async fn drive(
         protocol: Protocol::Full,
         timeout_secs: cfg.timeout.as_secs().max(1),
         user_prefix: format!("chaos-{}", scenario.name()),
+        admin_token: None,
     };
     let via = if stack.has_nginx() {
         "clients via nginx"

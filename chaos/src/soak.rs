@@ -280,6 +280,7 @@ async fn drive(cfg: &SoakConfig, stack: &mut Stack) -> anyhow::Result<SoakReport
         protocol: Protocol::Full,
         timeout_secs: cfg.drain.as_secs().max(1),
         user_prefix: "soak".into(),
+        admin_token: None,
     };
     load_cfg.messages = load_cfg.messages_for(cfg.duration.as_secs_f64());
     tracing::info!(

@@ -73,6 +73,10 @@ pub struct LoadConfig {
     /// Prefix of simulated user ids.
     #[arg(long, default_value = "load")]
     pub user_prefix: String,
+    /// Bearer token presented to `POST /token`: gateways outside dev mode require their
+    /// `AUTH_ADMIN_TOKEN`. Read from the environment so that it stays off the command line.
+    #[arg(long, env = "AUTH_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 impl LoadConfig {
@@ -294,7 +298,7 @@ pub async fn run_observed(
     checker: Arc<Checker>,
     on_start: impl FnOnce(Instant),
 ) -> LoadReport {
-    let http = reqwest::Client::new();
+    let http = token_client(cfg.admin_token.as_deref());
     let reconnects = Arc::new(AtomicU64::new(0));
     let ws_bases: Arc<[String]> = cfg.ws.split(',').map(str::to_owned).collect();
     let run_tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
@@ -378,6 +382,21 @@ fn sustained_rate(timeline: &[Interval], schedule: Duration) -> Option<f64> {
     let whole = schedule.as_secs() as usize;
     (whole > 0)
         .then(|| timeline.iter().take(whole).map(|r| r.answered).sum::<u64>() as f64 / whole as f64)
+}
+
+/// The HTTP client of `POST /token`: it presents `admin_token` as a bearer token on every request.
+fn token_client(admin_token: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = admin_token.filter(|t| !t.is_empty()) {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .expect("the admin token is a valid header value");
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("a default HTTP client")
 }
 
 /// Gets a token and opens a socket, retrying with backoff (moving to the next base, as a client
