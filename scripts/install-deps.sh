@@ -71,4 +71,16 @@ else
   fi
 fi
 
+# Test tools from crates.io: cargo-machete (unused dependencies) and cargo-fuzz (the gateway's
+# fuzz target; it needs a nightly toolchain or RUSTC_BOOTSTRAP, see scripts/test.sh).
+for tool in cargo-machete:0.9.2 cargo-fuzz:0.13.2; do
+  name="${tool%%:*}" version="${tool#*:}"
+  if command -v "$name" >/dev/null 2>&1; then
+    log "$name already installed"
+  else
+    log "cargo install $name --version $version --locked"
+    cargo install "$name" --version "$version" --locked
+  fi
+done
+
 log "done"

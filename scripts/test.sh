@@ -2,8 +2,9 @@
 # The one command that runs every Colloquy test:
 #   1. scripts/install-deps.sh      (Debian packages, tansu)
 #   2. infra/images/build.sh        (local FROM-scratch images for tansu and redis, when Docker works)
-#   3. cargo fmt --check, cargo clippy -D warnings, cargo build --bins (the chaos suites run them)
-#      and cargo test --workspace   (the testkit uses containers or local processes: COLLOQUY_TESTKIT)
+#   3. cargo fmt --check, cargo machete, cargo clippy -D warnings, cargo build --bins (the chaos
+#      suites run them) and cargo test --workspace (the testkit uses containers or local
+#      processes: COLLOQUY_TESTKIT), then FUZZ_SECS (60) seconds of the gateway's fuzz target
 #   4. promtool check/test rules    (alerts/*.yml, alerts/tests/*.yml, when present)
 #   5. the container deployment     (infra/compose-test.sh test: compose config, up, 250/250 through
 #                                    nginx, three container faults, down; about 4 min), when
@@ -24,7 +25,7 @@ CARGO_ARGS=()
 for a in "$@"; do
   case "$a" in
     --processes) FORCE_PROCESSES=1 ;;
-    -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) CARGO_ARGS+=("$a") ;;
   esac
 done
@@ -55,6 +56,9 @@ log "COLLOQUY_TESTKIT=$COLLOQUY_TESTKIT"
 log "cargo fmt --check"
 cargo fmt --all --check
 
+log "cargo machete (no unused dependencies)"
+cargo machete
+
 log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
@@ -64,6 +68,19 @@ cargo build --workspace --bins
 
 log "cargo test --workspace ${CARGO_ARGS[*]:-}"
 cargo test --workspace "${CARGO_ARGS[@]}"
+
+# The gateway's fuzz target (client frames and the Connection state machine), a short run:
+# FUZZ_SECS (60) seconds of libFuzzer. cargo-fuzz needs nightly flags: the nightly toolchain
+# when installed, else the stable compiler with RUSTC_BOOTSTRAP=1.
+fuzz_secs="${FUZZ_SECS:-60}"
+if [ "$fuzz_secs" -gt 0 ]; then
+  log "cargo fuzz run connection (${fuzz_secs} s)"
+  if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    (cd services/gateway && cargo +nightly fuzz run connection -- -max_total_time="$fuzz_secs")
+  else
+    (cd services/gateway && RUSTC_BOOTSTRAP=1 cargo fuzz run connection -- -max_total_time="$fuzz_secs")
+  fi
+fi
 
 shopt -s nullglob
 rules=(alerts/*.yml alerts/*.yaml)
