@@ -29,6 +29,16 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
+impl Telemetry {
+    /// Exports the spans that ended so far now, instead of at the exporter's next batch
+    /// (blocking until the exporter answered). Nothing to do without an exporter.
+    pub fn flush(&self) {
+        if let Some(p) = &self.provider {
+            let _ = p.force_flush();
+        }
+    }
+}
+
 impl Drop for Telemetry {
     fn drop(&mut self) {
         if let Some(p) = self.provider.take() {
