@@ -40,8 +40,8 @@ fn telemetry() -> Option<&'static Telemetry> {
     static TELEMETRY: OnceLock<Option<Telemetry>> = OnceLock::new();
     TELEMETRY
         .get_or_init(|| {
-            let endpoint = std::env::var("TEST_OTLP_ENDPOINT")
-                .unwrap_or_else(|_| otlp::shared().endpoint());
+            let endpoint =
+                std::env::var("TEST_OTLP_ENDPOINT").unwrap_or_else(|_| otlp::shared().endpoint());
             let cfg = TelemetryConfig {
                 otlp_endpoint: Some(endpoint),
                 log_filter: if std::env::var_os("TEST_LOG").is_some() {

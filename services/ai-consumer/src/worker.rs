@@ -22,8 +22,8 @@ use colloquy_core::records::{
     Delivery, IncomingRecord, ResponseBody, ResponseRecord, SCHEMA_VERSION,
 };
 use colloquy_core::retry::{Class, RetryError, RetryPolicy, redis_class, retry};
-use colloquy_core::trace_context::{continue_from, traceparent_of};
 use colloquy_core::semconv::{self, Consumed};
+use colloquy_core::trace_context::{continue_from, traceparent_of};
 use colloquy_core::{kafka, metrics as m, now_ms};
 
 use crate::claim::{Claim, Claims, Outcome};

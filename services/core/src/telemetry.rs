@@ -308,7 +308,12 @@ mod tests {
             let _outer = outer.enter();
             let inner = tracing::info_span!("inner", attempt = 2_u64);
             let _inner = inner.enter();
-            tracing::warn!(msg_id = "m2", service = "ai-consumer", ok = true, "produce failed");
+            tracing::warn!(
+                msg_id = "m2",
+                service = "ai-consumer",
+                ok = true,
+                "produce failed"
+            );
             let err = Outer(io::Error::other("broker gone"));
             tracing::error!(error = &err as &dyn std::error::Error, "gave up");
             let sc = tracing_opentelemetry::OpenTelemetrySpanExt::context(&inner)
@@ -336,7 +341,11 @@ mod tests {
             chrono::DateTime::parse_from_rfc3339(ts).is_ok() && ts.ends_with('Z'),
             "{ts}"
         );
-        assert_eq!(ts.split('.').nth(1).map(str::len), Some(7), "microseconds: {ts}");
+        assert_eq!(
+            ts.split('.').nth(1).map(str::len),
+            Some(7),
+            "microseconds: {ts}"
+        );
         assert_eq!(warn["level"], "WARN");
         assert_eq!(warn["target"], module_path!());
         assert_eq!(warn["message"], "produce failed");

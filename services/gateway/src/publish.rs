@@ -54,13 +54,10 @@ pub fn enqueue(
         .key(user.as_str())
         .payload(&payload)
         .headers(headers);
-    let delivery = state
-        .producer
-        .send_result(fr)
-        .map_err(|(e, _)| {
-            semconv::record_send_failed(&send);
-            PublishError::Kafka(e)
-        })?;
+    let delivery = state.producer.send_result(fr).map_err(|(e, _)| {
+        semconv::record_send_failed(&send);
+        PublishError::Kafka(e)
+    })?;
     let span = span.clone();
     let audit = state.audit.clone();
     let (user, msg_id) = (user.clone(), msg_id.to_owned());

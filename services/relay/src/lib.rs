@@ -275,7 +275,14 @@ impl Application {
                 offset: msg.offset(),
                 group: &self.cfg.group,
             };
-            match deliver::decode(&self.names, msg.payload(), traceparent, &from, now, &timestamp) {
+            match deliver::decode(
+                &self.names,
+                msg.payload(),
+                traceparent,
+                &from,
+                now,
+                &timestamp,
+            ) {
                 Ok(d) => {
                     let enqueued = kafka::header_str(msg.headers(), headers::ENQUEUED_AT_MS)
                         .and_then(|v| v.parse().ok())

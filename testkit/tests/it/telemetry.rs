@@ -144,7 +144,11 @@ async fn one_message_trace_follows_the_semantic_conventions() {
     let mut by_name: BTreeMap<&str, &ReceivedSpan> = BTreeMap::new();
     for (name, kind) in expected {
         let found: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.name == name).collect();
-        assert_eq!(found.len(), 1, "one {name} span in trace {trace_id}: {names:?}");
+        assert_eq!(
+            found.len(),
+            1,
+            "one {name} span in trace {trace_id}: {names:?}"
+        );
         assert_eq!(found[0].kind, kind, "kind of {name}: {:#?}", found[0]);
         by_name.insert(name, found[0]);
     }
@@ -156,7 +160,11 @@ async fn one_message_trace_follows_the_semantic_conventions() {
             "{child} must be a child of {parent}"
         );
     };
-    assert_eq!(span("gateway.message").parent_span_id, "", "the gateway starts the trace");
+    assert_eq!(
+        span("gateway.message").parent_span_id,
+        "",
+        "the gateway starts the trace"
+    );
     parent_of(&send_incoming, "gateway.message");
     parent_of(&process_incoming, &send_incoming);
     parent_of(&chat, &process_incoming);
@@ -180,7 +188,12 @@ async fn one_message_trace_follows_the_semantic_conventions() {
         (&send_incoming, &incoming, "send", None),
         (&process_incoming, &incoming, "process", Some(GROUP)),
         (&send_responses, &responses, "send", None),
-        (&process_responses, &responses, "process", Some(relay_group.as_str())),
+        (
+            &process_responses,
+            &responses,
+            "process",
+            Some(relay_group.as_str()),
+        ),
     ] {
         let s = span(name);
         assert_eq!(text(s, "messaging.system"), "kafka", "{name}");
@@ -188,7 +201,10 @@ async fn one_message_trace_follows_the_semantic_conventions() {
         assert_eq!(text(s, "messaging.operation.type"), operation, "{name}");
         assert_eq!(text(s, "messaging.operation.name"), operation, "{name}");
         let partition = text(s, "messaging.destination.partition.id");
-        assert!(partition.parse::<u32>().is_ok(), "{name}: partition {partition:?}");
+        assert!(
+            partition.parse::<u32>().is_ok(),
+            "{name}: partition {partition:?}"
+        );
         assert!(int(s, "messaging.kafka.offset") >= 0, "{name}");
         match group {
             Some(g) => assert_eq!(text(s, "messaging.consumer.group.name"), g, "{name}"),
@@ -200,7 +216,10 @@ async fn one_message_trace_follows_the_semantic_conventions() {
         (&send_incoming, &process_incoming),
         (&send_responses, &process_responses),
     ] {
-        for key in ["messaging.destination.partition.id", "messaging.kafka.offset"] {
+        for key in [
+            "messaging.destination.partition.id",
+            "messaging.kafka.offset",
+        ] {
             assert_eq!(
                 span(sent).attr(key),
                 span(processed).attr(key),
@@ -214,7 +233,10 @@ async fn one_message_trace_follows_the_semantic_conventions() {
     assert_eq!(text(llm, "gen_ai.provider.name"), "openai");
     assert_eq!(text(llm, "gen_ai.operation.name"), "chat");
     assert_eq!(text(llm, "gen_ai.request.model"), MODEL);
-    let records = app.read_topic(&responses, 1_000, Duration::from_secs(3)).await.unwrap();
+    let records = app
+        .read_topic(&responses, 1_000, Duration::from_secs(3))
+        .await
+        .unwrap();
     let (prompt, completion) = records
         .iter()
         .filter_map(|(payload, _)| serde_json::from_slice::<ResponseRecord>(payload).ok())
@@ -229,6 +251,9 @@ async fn one_message_trace_follows_the_semantic_conventions() {
         .expect("the final record of sc1");
     assert!(prompt > 0 && completion > 0, "usage {prompt}/{completion}");
     assert_eq!(int(llm, "gen_ai.usage.input_tokens"), i64::from(prompt));
-    assert_eq!(int(llm, "gen_ai.usage.output_tokens"), i64::from(completion));
+    assert_eq!(
+        int(llm, "gen_ai.usage.output_tokens"),
+        i64::from(completion)
+    );
     app.shutdown().await;
 }
