@@ -251,11 +251,7 @@ impl Worker {
             Ok(a) => {
                 semconv::record_attempts(&call_span, a.attempts);
                 if a.usage_reported {
-                    semconv::record_usage(
-                        &call_span,
-                        Some(a.prompt_tokens),
-                        Some(a.completion_tokens),
-                    );
+                    semconv::record_usage(&call_span, a.prompt_tokens, a.completion_tokens);
                 }
                 let body = ResponseBody::Final {
                     content: a.content.clone(),
@@ -518,6 +514,8 @@ impl Worker {
         .await;
         match &sent {
             Ok(delivered) => semconv::record_delivery(&span, delivered.partition, delivered.offset),
+            // Shutdown interrupted it: not a failure of the send.
+            Err(RetryError::Cancelled) => {}
             Err(_) => semconv::record_send_failed(&span),
         }
         sent.map(drop)

@@ -131,14 +131,10 @@ pub fn chat_span(model: &str) -> Span {
     )
 }
 
-/// Records the token usage the API returned (nothing for a count it did not report).
-pub fn record_usage(span: &Span, input_tokens: Option<u32>, output_tokens: Option<u32>) {
-    if let Some(n) = input_tokens {
-        span.record(GEN_AI_USAGE_INPUT_TOKENS, i64::from(n));
-    }
-    if let Some(n) = output_tokens {
-        span.record(GEN_AI_USAGE_OUTPUT_TOKENS, i64::from(n));
-    }
+/// Records the token usage the API returned (only call it when the API reported usage).
+pub fn record_usage(span: &Span, input_tokens: u32, output_tokens: u32) {
+    span.record(GEN_AI_USAGE_INPUT_TOKENS, i64::from(input_tokens));
+    span.record(GEN_AI_USAGE_OUTPUT_TOKENS, i64::from(output_tokens));
 }
 
 /// Records how many attempts the LLM call of a [`chat_span`] took.
