@@ -3,7 +3,7 @@
 //! attributes them alike. Attribute keys come from `opentelemetry-semantic-conventions`.
 //!
 //! Values follow the current messaging conventions: a producer span's operation type is
-//! `send` (`publish` is deprecated since semantic conventions 1.27), a consumer's `process`,
+//! `send` (the older `publish` is deprecated, replaced by `send`), a consumer's `process`,
 //! and a span is named `{operation} {destination}`, e.g. `send incoming_messages`.
 //!
 //! The trace of one message: `gateway.message` (server) → `send incoming_messages`
