@@ -2,7 +2,7 @@
 //! (the fake LLM, or a wiremock OpenAI for exact counting), gateways, the ai-consumer and the
 //! relay in-process on port 0, with unique topic and key prefixes, and typed helpers.
 
-use std::sync::Once;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use colloquy_ai_consumer::config::ConsumerConfig;
 use colloquy_core::config::{KafkaConfig, LogFormat, RedisConfig, TelemetryConfig};
 use colloquy_core::names::Names;
+use colloquy_core::telemetry::Telemetry;
 use colloquy_gateway::config::GatewayConfig;
 use colloquy_relay::config::RelayConfig;
 
@@ -19,25 +20,41 @@ use crate::client::{WsClient, fetch_token};
 use crate::fake_llm::{FakeLlm, FakeLlmConfig};
 use crate::infra::{Infra, InfraOptions};
 use crate::openai_mock::OpenAiMock;
+use crate::otlp;
 
-/// Initialises tracing once per test binary; `TEST_LOG=1` prints logs (spans are always traced).
+/// Initialises tracing once per test binary; `TEST_LOG=1` prints logs. Spans are always traced
+/// and exported over OTLP, to `TEST_OTLP_ENDPOINT` or else to this binary's
+/// [`otlp::shared`] receiver, where tests read a message's trace.
 pub fn init_tracing() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let cfg = TelemetryConfig {
-            otlp_endpoint: std::env::var("TEST_OTLP_ENDPOINT").ok(),
-            log_filter: if std::env::var_os("TEST_LOG").is_some() {
-                "info,colloquy=debug".into()
-            } else {
-                "off".into()
-            },
-            log_format: LogFormat::Text,
-        };
-        if let Ok(t) = colloquy_core::telemetry::init("testkit", &cfg) {
-            // Keep the provider for the whole test binary.
-            std::mem::forget(t);
-        }
-    });
+    let _ = telemetry();
+}
+
+/// Exports the spans that ended so far (blocking: call it from `spawn_blocking`).
+pub fn flush_spans() {
+    if let Some(t) = telemetry() {
+        t.flush();
+    }
+}
+
+fn telemetry() -> Option<&'static Telemetry> {
+    static TELEMETRY: OnceLock<Option<Telemetry>> = OnceLock::new();
+    TELEMETRY
+        .get_or_init(|| {
+            let endpoint =
+                std::env::var("TEST_OTLP_ENDPOINT").unwrap_or_else(|_| otlp::shared().endpoint());
+            let cfg = TelemetryConfig {
+                otlp_endpoint: Some(endpoint),
+                log_filter: if std::env::var_os("TEST_LOG").is_some() {
+                    "info,colloquy=debug".into()
+                } else {
+                    "off".into()
+                },
+                log_format: LogFormat::Text,
+            };
+            // Kept for the whole test binary.
+            colloquy_core::telemetry::init("testkit", &cfg).ok()
+        })
+        .as_ref()
 }
 
 /// Which LLM the stack talks to.

@@ -1,10 +1,13 @@
 //! An in-process OTLP/HTTP trace receiver: accepts `POST /v1/traces` (protobuf, as
 //! opentelemetry-otlp's HTTP exporter sends it) and keeps every span, with its kind and
 //! attributes, for assertions (semantic conventions are only tested if they survive the trip).
+//!
+//! [`shared`] is one receiver for a whole test binary: the in-process stacks export their spans
+//! to it (the tracer is installed once per process, see `harness::init_tracing`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -105,7 +108,11 @@ impl ReceivedSpan {
     }
 }
 
-/// The receiver; spans accumulate until read.
+/// At most this many spans are kept (the oldest go first), so a long test binary that exports
+/// every span does not grow without bound.
+pub const KEPT_SPANS: usize = 200_000;
+
+/// The receiver; spans accumulate until read (the last [`KEPT_SPANS`]).
 #[derive(Clone, Debug, Default)]
 pub struct OtlpReceiver {
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
@@ -144,6 +151,46 @@ impl OtlpReceiver {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
+
+    /// The spans received so far of trace `trace_id` (32 hex digits).
+    #[must_use]
+    pub fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
+        self.spans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
+    }
+}
+
+/// The receiver of this process, started on first use on a thread of its own: a test's
+/// runtime ends with the test, this one lives as long as the test binary.
+///
+/// # Panics
+/// When no port can be bound on 127.0.0.1 or the thread cannot be started.
+pub fn shared() -> &'static OtlpReceiver {
+    static SHARED: OnceLock<OtlpReceiver> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("otlp-receiver".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("OTLP receiver runtime");
+                rt.block_on(async move {
+                    let _ = tx.send(OtlpReceiver::start().await);
+                    std::future::pending::<()>().await;
+                });
+            })
+            .expect("OTLP receiver thread");
+        rx.recv()
+            .expect("OTLP receiver thread ended")
+            .expect("OTLP receiver bind")
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -190,10 +237,12 @@ async fn receive(State(spans): State<Arc<Mutex<Vec<ReceivedSpan>>>>, body: Bytes
         return StatusCode::BAD_REQUEST;
     };
     let out = spans_of(req);
-    spans
+    let mut spans = spans
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .extend(out);
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    spans.extend(out);
+    let over = spans.len().saturating_sub(KEPT_SPANS);
+    spans.drain(..over);
     StatusCode::OK
 }
 

@@ -161,6 +161,7 @@ impl Application {
                 kcfg.produce_timeout(),
             ),
             names: names.clone(),
+            group: cfg.group.clone(),
             producer,
             responses_topic: names.responses_topic(),
             system_prompt: cfg.system_prompt.clone(),

@@ -40,8 +40,10 @@ pub enum Role {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
     pub content: String,
+    /// 0 when the API reported no usage (then `usage_reported` is false).
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    pub usage_reported: bool,
     pub attempts: u32,
 }
 
@@ -263,15 +265,15 @@ impl LlmClient {
                         .first()
                         .and_then(|c| c.message.content.clone())
                         .unwrap_or_default();
-                    let (p, c) = r
-                        .usage
-                        .map_or((0, 0), |u| (u.prompt_tokens, u.completion_tokens));
+                    let usage = r.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
+                    let (p, c) = usage.unwrap_or((0, 0));
                     deltas.text(&content);
                     record_tokens(p, c);
                     Attempt::Done(Answer {
                         content,
                         prompt_tokens: p,
                         completion_tokens: c,
+                        usage_reported: usage.is_some(),
                         attempts: 0,
                     })
                 }
@@ -365,6 +367,7 @@ async fn read_stream(resp: reqwest::Response, deltas: &mut dyn DeltaSink) -> Att
                     content,
                     prompt_tokens: p,
                     completion_tokens: c,
+                    usage_reported: usage.is_some(),
                     attempts: 0,
                 });
             }

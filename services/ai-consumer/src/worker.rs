@@ -22,6 +22,7 @@ use colloquy_core::records::{
     Delivery, IncomingRecord, ResponseBody, ResponseRecord, SCHEMA_VERSION,
 };
 use colloquy_core::retry::{Class, RetryError, RetryPolicy, redis_class, retry};
+use colloquy_core::semconv::{self, Consumed};
 use colloquy_core::trace_context::{continue_from, traceparent_of};
 use colloquy_core::{kafka, metrics as m, now_ms};
 
@@ -97,6 +98,8 @@ pub struct Worker {
     pub memory: Memory,
     pub redis: Pool,
     pub names: Names,
+    /// The consumer group, for the spans.
+    pub group: String,
     pub producer: FutureProducer,
     pub dead_letters: DeadLetters,
     pub responses_topic: String,
@@ -128,15 +131,14 @@ impl Worker {
     /// end or shutdown abandons the job (which is then redelivered).
     pub async fn handle(self: &Arc<Self>, job: &Job) -> Handled {
         let r = &job.record;
-        let span = tracing::info_span!(
-            "ai_consumer.process",
-            userid = %r.userid, msg_id = %r.msg_id,
-            otel.kind = "consumer",
-            messaging.system = "kafka",
-            messaging.operation = "process",
-            messaging.kafka.partition = job.partition,
-            messaging.kafka.offset = job.offset,
-        );
+        let incoming_topic = self.names.incoming_topic();
+        let from = Consumed {
+            topic: &incoming_topic,
+            partition: job.partition,
+            offset: job.offset,
+            group: &self.group,
+        };
+        let span = semconv::process_span(&from, &r.userid, &r.msg_id);
         continue_from(&span, job.traceparent.as_deref());
         metrics::histogram!(m::STAGE_LATENCY, "stage" => "queue_wait")
             .record((now_ms() - job.enqueued_at_ms).max(0) as f64 / 1000.0);
@@ -227,7 +229,7 @@ impl Worker {
         });
 
         // 3. The LLM call, with deltas streamed to `responses`, the lease renewed meanwhile.
-        let call_span = tracing::info_span!("llm.chat", otel.kind = "client", gen_ai.system = "openai", gen_ai.request.model = %self.llm_model(), gen_ai.attempts = tracing::field::Empty);
+        let call_span = semconv::chat_span(&self.llm_model());
         let mut batcher = DeltaBatcher::new(self, job);
         let mut none = NoDeltas;
         let deltas: &mut dyn DeltaSink = if self.stream { &mut batcher } else { &mut none };
@@ -247,7 +249,10 @@ impl Worker {
         // 4. The outcome, durably in `responses` (and the DLQ on failure).
         let (body, outcome, answer) = match result {
             Ok(a) => {
-                call_span.record("gen_ai.attempts", a.attempts);
+                semconv::record_attempts(&call_span, a.attempts);
+                if a.usage_reported {
+                    semconv::record_usage(&call_span, a.prompt_tokens, a.completion_tokens);
+                }
                 let body = ResponseBody::Final {
                     content: a.content.clone(),
                     prompt_tokens: a.prompt_tokens,
@@ -492,10 +497,10 @@ impl Worker {
             body,
         };
         let payload = serde_json::to_vec(&record).unwrap_or_default();
-        let span = tracing::info_span!("kafka.produce", otel.kind = "producer", messaging.system = "kafka", messaging.destination.name = %self.responses_topic);
+        let span = semconv::send_span(&self.responses_topic, &r.userid, &r.msg_id);
         let tp = traceparent_of(&span);
         let headers = kafka::record_headers(tp.as_deref(), &r.msg_id, now_ms());
-        kafka::produce(
+        let sent = kafka::produce(
             &self.producer,
             &self.responses_topic,
             r.userid.as_str().as_bytes(),
@@ -505,8 +510,15 @@ impl Worker {
             &self.shutdown,
             ("ai-consumer", "produce"),
         )
-        .instrument(span)
-        .await
+        .instrument(span.clone())
+        .await;
+        match &sent {
+            Ok(delivered) => semconv::record_delivery(&span, delivered.partition, delivered.offset),
+            // Shutdown interrupted it: not a failure of the send.
+            Err(RetryError::Cancelled) => {}
+            Err(_) => semconv::record_send_failed(&span),
+        }
+        sent.map(drop)
     }
 
     async fn dead_letter(&self, job: &Job, reason: &str) -> Result<(), RetryError<KafkaError>> {

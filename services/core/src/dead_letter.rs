@@ -82,7 +82,8 @@ impl DeadLetters {
             shutdown,
             (self.service, "dlq"),
         )
-        .await;
+        .await
+        .map(drop);
         match &written {
             Ok(()) => {
                 metrics::counter!(m::DLQ_WRITES, "service" => self.service, "topic" => self.topic.clone())

@@ -20,6 +20,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, Stre
 use rdkafka::error::KafkaError;
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
@@ -752,6 +753,7 @@ pub fn header_str<'a, H: Headers>(headers: Option<&'a H>, name: &str) -> Option<
 /// Produces one record, retrying transient failures until the broker acknowledges or
 /// `shutdown` fires; permanent failures (topic missing, record too large, not authorised)
 /// return at once. Every failure is counted as `colloquy_kafka_errors_total{service,op}`.
+/// Returns where the broker stored the record.
 ///
 /// # Errors
 /// [`RetryError`] saying why the record is not in the topic.
@@ -765,7 +767,7 @@ pub async fn produce(
     timeout: Duration,
     shutdown: &CancellationToken,
     (service, op): (&'static str, &'static str),
-) -> Result<(), RetryError<KafkaError>> {
+) -> Result<Delivery, RetryError<KafkaError>> {
     retry(
         RetryPolicy::UNTIL_SHUTDOWN,
         shutdown,
@@ -782,7 +784,6 @@ pub async fn produce(
             producer
                 .send(record, Timeout::After(timeout))
                 .await
-                .map(|_| ())
                 .map_err(|(e, _)| e)
         },
     )

@@ -4,7 +4,8 @@
 //! the WebSocket frames ([`wire`]), the Kafka records and Redis deliveries ([`records`]),
 //! the naming of topics, keys and channels ([`names`]), configuration ([`config`]),
 //! broker and Redis set-up ([`kafka`], [`redis`]), the metrics contract ([`metrics`]),
-//! telemetry ([`telemetry`], [`trace_context`]) and shutdown plumbing ([`shutdown`]).
+//! telemetry ([`telemetry`], [`trace_context`], the conventional spans of [`semconv`]) and
+//! shutdown plumbing ([`shutdown`]).
 
 pub mod admin;
 pub mod backoff;
@@ -17,6 +18,7 @@ pub mod offset_gaps;
 pub mod records;
 pub mod redis;
 pub mod retry;
+pub mod semconv;
 pub mod shutdown;
 pub mod telemetry;
 pub mod trace_context;

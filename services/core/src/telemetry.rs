@@ -14,6 +14,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt;
@@ -27,6 +28,16 @@ use crate::config::{LogFormat, TelemetryConfig};
 #[derive(Debug)]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans that ended so far now, instead of at the exporter's next batch
+    /// (blocking until the exporter answered). Nothing to do without an exporter.
+    pub fn flush(&self) {
+        if let Some(p) = &self.provider {
+            let _ = p.force_flush();
+        }
+    }
 }
 
 impl Drop for Telemetry {
@@ -70,10 +81,7 @@ pub fn init(service: &'static str, cfg: &TelemetryConfig) -> Result<Telemetry, T
         .with_error_records_to_exceptions(true)
         .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let fmt_layer = match cfg.log_format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .fmt_fields(JsonFields::new())
-            .event_format(JsonLines { service })
-            .with_writer(std::io::stdout)
+        LogFormat::Json => json_layer(service, std::io::stdout)
             .with_filter(filter)
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
@@ -117,8 +125,21 @@ fn tracer_provider(
     Ok(builder.build())
 }
 
+/// The JSON log layer of `service`, writing to `writer`.
+fn json_layer<S, W>(service: &'static str, writer: W) -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .fmt_fields(JsonFields::new())
+        .event_format(JsonLines { service })
+        .with_writer(writer)
+}
+
 /// One JSON object per line: time, level, service, target, message, the event's fields, the
 /// fields of enclosing spans (`userid`, `msg_id`, ...) and the current `trace_id` / `span_id`.
+/// Each key appears once: an event's field wins over a span's (and over `service`).
 struct JsonLines {
     service: &'static str,
 }
@@ -214,5 +235,137 @@ impl Visit for JsonVisitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.0
             .insert(field.name().into(), Value::String(format!("{value:?}")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("write refused")]
+    struct Outer(#[source] io::Error);
+
+    /// The keys of a JSON object in the order written, duplicates included (a `Map` would
+    /// silently keep the last of two equal keys).
+    fn keys_of(line: &str) -> Vec<String> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = Vec<String>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut keys = Vec::new();
+                while let Some((k, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
+                    keys.push(k);
+                }
+                Ok(keys)
+            }
+        }
+        let mut de = serde_json::Deserializer::from_str(line);
+        serde::Deserializer::deserialize_map(&mut de, Keys).expect("a JSON object")
+    }
+
+    #[test]
+    fn json_lines_keep_every_field_once_with_the_trace_context() {
+        // Installed as the global default, as in the services: the formatter finds the trace
+        // context through the global dispatcher (a scoped one is not reachable while an event
+        // is being dispatched). Other tests' events land here too, so lines are picked by target.
+        let provider = tracer_provider("gateway", None).expect("provider");
+        let lines = Lines::default();
+        let writer = lines.clone();
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::registry()
+                .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+                .with(json_layer("gateway", move || writer.clone())),
+        )
+        .expect("no other global subscriber in this test binary");
+        let (trace_id, span_id) = {
+            let outer = tracing::info_span!("outer", userid = "alice", msg_id = "m1");
+            let _outer = outer.enter();
+            let inner = tracing::info_span!("inner", attempt = 2_u64);
+            let _inner = inner.enter();
+            tracing::warn!(
+                msg_id = "m2",
+                service = "ai-consumer",
+                ok = true,
+                "produce failed"
+            );
+            let err = Outer(io::Error::other("broker gone"));
+            tracing::error!(error = &err as &dyn std::error::Error, "gave up");
+            let sc = tracing_opentelemetry::OpenTelemetrySpanExt::context(&inner)
+                .span()
+                .span_context()
+                .clone();
+            (sc.trace_id().to_string(), sc.span_id().to_string())
+        };
+        let text = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("utf-8");
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(&format!("\"target\":\"{}\"", module_path!())))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        for line in &lines {
+            let keys = keys_of(line);
+            let mut unique = keys.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(keys.len(), unique.len(), "a key twice: {line}");
+        }
+        let warn: Value = serde_json::from_str(lines[0]).expect("json");
+        let ts = warn["timestamp"].as_str().expect("timestamp");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(ts).is_ok() && ts.ends_with('Z'),
+            "{ts}"
+        );
+        assert_eq!(
+            ts.split('.').nth(1).map(str::len),
+            Some(7),
+            "microseconds: {ts}"
+        );
+        assert_eq!(warn["level"], "WARN");
+        assert_eq!(warn["target"], module_path!());
+        assert_eq!(warn["message"], "produce failed");
+        // The event's own fields win over the process's and the spans'.
+        assert_eq!(warn["service"], "ai-consumer");
+        assert_eq!(warn["msg_id"], "m2");
+        assert_eq!(warn["ok"], true);
+        // The fields of every enclosing span.
+        assert_eq!(warn["userid"], "alice");
+        assert_eq!(warn["attempt"], 2);
+        assert_eq!(warn["trace_id"], trace_id.as_str());
+        assert_eq!(warn["span_id"], span_id.as_str());
+        assert_eq!(trace_id.len(), 32);
+        assert_eq!(span_id.len(), 16);
+
+        let error: Value = serde_json::from_str(lines[1]).expect("json");
+        assert_eq!(error["service"], "gateway");
+        assert_eq!(error["level"], "ERROR");
+        // An error is logged with its whole cause chain.
+        assert_eq!(error["error"], "write refused: broker gone");
+        assert_eq!(error["msg_id"], "m1");
     }
 }

@@ -1,4 +1,5 @@
-//! Produce a user message to `incoming_messages`, carrying the trace context in headers.
+//! Produce a user message to `incoming_messages`, carrying the trace context in headers: the
+//! context of the `send incoming_messages` producer span, a child of the message's span.
 //!
 //! The record is enqueued synchronously, in the order frames arrived on the socket, so the
 //! idempotent producer keeps a user's messages in order; the ack waits for the delivery report.
@@ -9,7 +10,7 @@ use rdkafka::producer::FutureRecord;
 
 use colloquy_core::records::{IncomingRecord, SCHEMA_VERSION};
 use colloquy_core::trace_context::{trace_id_of, traceparent_of};
-use colloquy_core::{UserId, kafka, now_ms};
+use colloquy_core::{UserId, kafka, now_ms, semconv};
 
 use crate::state::AppState;
 
@@ -45,23 +46,25 @@ pub fn enqueue(
         received_at_ms,
     };
     let payload = serde_json::to_vec(&record)?;
-    let traceparent = traceparent_of(span);
-    let trace_id = trace_id_of(span);
+    let send = span.in_scope(|| semconv::send_span(&state.incoming_topic, user, msg_id));
+    let traceparent = traceparent_of(&send);
+    let trace_id = trace_id_of(&send);
     let headers = kafka::record_headers(traceparent.as_deref(), msg_id, now_ms());
     let fr = FutureRecord::to(&state.incoming_topic)
         .key(user.as_str())
         .payload(&payload)
         .headers(headers);
-    let delivery = state
-        .producer
-        .send_result(fr)
-        .map_err(|(e, _)| PublishError::Kafka(e))?;
+    let delivery = state.producer.send_result(fr).map_err(|(e, _)| {
+        semconv::record_send_failed(&send);
+        PublishError::Kafka(e)
+    })?;
     let span = span.clone();
     let audit = state.audit.clone();
     let (user, msg_id) = (user.clone(), msg_id.to_owned());
     Ok(async move {
         let result = match delivery.await {
-            Ok(Ok(_)) => {
+            Ok(Ok(delivered)) => {
+                semconv::record_delivery(&send, delivered.partition, delivered.offset);
                 // From the ack on, the message is watched until its answer is stored.
                 audit.acked(&user, &msg_id, received_at_ms, now_ms());
                 Ok(trace_id)
@@ -70,8 +73,10 @@ pub fn enqueue(
             Err(_) => Err(PublishError::Cancelled),
         };
         if let Err(e) = &result {
+            semconv::record_send_failed(&send);
             span.in_scope(|| tracing::warn!(error = %e, "produce failed"));
         }
+        drop(send);
         drop(span);
         result
     })

@@ -414,7 +414,7 @@ impl Io<'_> {
         {
             return Some(Published::RateLimited { retry_after_ms });
         }
-        let span = tracing::info_span!(parent: None, "gateway.message", userid = %self.user, msg_id = %msg_id, otel.kind = "producer");
+        let span = tracing::info_span!(parent: None, "gateway.message", userid = %self.user, msg_id = %msg_id, otel.kind = "server");
         match publish::enqueue(
             self.state,
             self.user,

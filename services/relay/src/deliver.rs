@@ -7,6 +7,7 @@ use fred::types::scripts::Script;
 
 use colloquy_core::names::Names;
 use colloquy_core::records::{Delivery, ResponseRecord, SCHEMA_VERSION};
+use colloquy_core::semconv::{self, Consumed};
 use colloquy_core::trace_context::{continue_from, traceparent_of};
 
 /// Appends to the inbox and publishes, once per send of a message, and clears the message
@@ -64,7 +65,8 @@ pub struct Decoded {
     pub span: Option<tracing::Span>,
 }
 
-/// Decodes one record's payload; `Err` carries the reason it must be dead-lettered.
+/// Decodes one record's payload, consumed `from` a partition; `Err` carries the reason it must
+/// be dead-lettered.
 ///
 /// # Errors
 /// When the payload is missing, not JSON of a response record, or of another schema version.
@@ -72,6 +74,7 @@ pub fn decode(
     names: &Names,
     payload: Option<&[u8]>,
     traceparent: Option<&str>,
+    from: &Consumed<'_>,
     now_ms: i64,
     timestamp: &str,
 ) -> Result<Decoded, String> {
@@ -83,7 +86,7 @@ pub fn decode(
     }
     let durable = record.body.is_durable();
     let (span, traceparent) = if durable {
-        let span = tracing::info_span!("relay.deliver", userid = %record.userid, msg_id = %record.msg_id, otel.kind = "consumer", messaging.system = "kafka", messaging.operation = "process");
+        let span = semconv::process_span(from, &record.userid, &record.msg_id);
         continue_from(&span, traceparent);
         let tp = traceparent_of(&span);
         (Some(span), tp)
@@ -212,6 +215,13 @@ mod tests {
     use colloquy_core::UserId;
     use colloquy_core::records::ResponseBody;
 
+    const FROM: Consumed<'static> = Consumed {
+        topic: "responses",
+        partition: 0,
+        offset: 7,
+        group: "relay",
+    };
+
     #[test]
     fn the_script_writes_the_field_the_gateway_reads() {
         let field = colloquy_core::records::INBOX_FIELD;
@@ -237,7 +247,7 @@ mod tests {
             prompt_tokens: 1,
             completion_tokens: 1,
         });
-        let d = decode(&names, Some(&payload), None, 7, "now").unwrap();
+        let d = decode(&names, Some(&payload), None, &FROM, 7, "now").unwrap();
         let Item::Durable {
             inbox,
             marker,
@@ -262,14 +272,14 @@ mod tests {
             content: "h".into(),
         });
         assert!(
-            !decode(&names, Some(&payload), None, 7, "now")
+            !decode(&names, Some(&payload), None, &FROM, 7, "now")
                 .unwrap()
                 .item
                 .is_durable()
         );
         for junk in [&b"not json"[..], b"{}", br#"{"v":99,"msg_id":"m","userid":"alice","received_at_ms":1,"body":{"kind":"failed","reason":"x"}}"#] {
-            assert!(decode(&names, Some(junk), None, 7, "now").is_err());
+            assert!(decode(&names, Some(junk), None, &FROM, 7, "now").is_err());
         }
-        assert!(decode(&names, None, None, 7, "now").is_err());
+        assert!(decode(&names, None, None, &FROM, 7, "now").is_err());
     }
 }

@@ -33,6 +33,7 @@ use colloquy_core::names::Names;
 use colloquy_core::offset_gaps::GapDetector;
 use colloquy_core::records::headers;
 use colloquy_core::retry::{RetryError, RetryPolicy, redis_class};
+use colloquy_core::semconv::Consumed;
 use colloquy_core::{kafka, metrics as m, now_ms};
 
 use crate::config::RelayConfig;
@@ -279,7 +280,20 @@ impl Application {
         let mut decoded: Vec<(usize, Decoded, i64)> = Vec::with_capacity(batch.len());
         for (i, msg) in batch.iter().enumerate() {
             let traceparent = kafka::header_str(msg.headers(), headers::TRACEPARENT);
-            match deliver::decode(&self.names, msg.payload(), traceparent, now, &timestamp) {
+            let from = Consumed {
+                topic: &self.topic,
+                partition: msg.partition(),
+                offset: msg.offset(),
+                group: &self.cfg.group,
+            };
+            match deliver::decode(
+                &self.names,
+                msg.payload(),
+                traceparent,
+                &from,
+                now,
+                &timestamp,
+            ) {
                 Ok(d) => {
                     let enqueued = kafka::header_str(msg.headers(), headers::ENQUEUED_AT_MS)
                         .and_then(|v| v.parse().ok())
