@@ -4,7 +4,8 @@
 #   2. infra/images/build.sh        (local FROM-scratch images for tansu and redis, when Docker works)
 #   3. cargo fmt --check, cargo machete, cargo clippy -D warnings, cargo build --bins (the chaos
 #      suites run them) and cargo test --workspace (the testkit uses containers or local
-#      processes: COLLOQUY_TESTKIT), then FUZZ_SECS (60) seconds of the gateway's fuzz target
+#      processes: COLLOQUY_TESTKIT), the soak's CI form on release binaries (25,000 messages at
+#      1,000 msg/s through four faults), FUZZ_SECS (60) seconds of the gateway's fuzz target
 #   4. promtool check/test rules    (alerts/*.yml, alerts/tests/*.yml, when present)
 #   5. the container deployment     (infra/compose-test.sh test: compose config, up, 250/250 through
 #                                    nginx, three container faults, down; about 4 min), when
@@ -25,7 +26,7 @@ CARGO_ARGS=()
 for a in "$@"; do
   case "$a" in
     --processes) FORCE_PROCESSES=1 ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) CARGO_ARGS+=("$a") ;;
   esac
 done
@@ -68,6 +69,15 @@ cargo build --workspace --bins
 
 log "cargo test --workspace ${CARGO_ARGS[*]:-}"
 cargo test --workspace "${CARGO_ARGS[@]}"
+
+# The soak's CI form needs release binaries (the debug build answers ~50 msg/s): 25 s of
+# open-loop load at 1,000 msg/s (25,000 messages) through nginx with kill -9 and restart of the
+# relay, the ai-consumer, gateway-1 and Redis; exit 1 unless nothing is lost or duplicated and
+# every message is answered (docs/chaos.md, "Soak").
+log "cargo build --release --bins (for the soak)"
+cargo build --release --bins
+log "soak, CI form (colloquy-chaos soak --rate 1000 --duration-secs 25)"
+COLLOQUY_BIN_DIR="$REPO/target/release" target/release/colloquy-chaos soak --rate 1000 --duration-secs 25
 
 # The gateway's fuzz target (client frames and the Connection state machine), a short run:
 # FUZZ_SECS (60) seconds of libFuzzer. cargo-fuzz needs nightly flags: the nightly toolchain

@@ -10,7 +10,7 @@
 
 use colloquy_chaos::{Component, SoakConfig, soak};
 
-#[ignore = "needs release binaries and a quiet machine: with the debug build scripts/test.sh makes, the stack answers ~50 msg/s and the drain ends first; run it with `cargo build --release --bins && cargo test -p colloquy-chaos --test soak -- --ignored`"]
+#[ignore = "needs release binaries (the debug build answers ~50 msg/s): scripts/test.sh runs the same soak as `target/release/colloquy-chaos soak --rate 1000 --duration-secs 25` after a release build; by hand: `cargo build --release --bins && cargo test -p colloquy-chaos --test soak -- --ignored`"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_25k_messages_at_1000_per_second_through_four_faults() -> anyhow::Result<()> {
     if std::env::var_os("TEST_LOG").is_some() {
