@@ -713,6 +713,30 @@ async fn connecting_while_redis_is_down_fails_fast_with_1013() {
     // Tokens need no Redis; take them first.
     let token = app.token("stranded").await.unwrap();
     app.infra.kill_redis().await.unwrap();
+    // "Down" as the gateway knows it: until its subscriber has seen the connection drop (it
+    // reports `deliveries: false` on /ready), a socket registers and waits for its subscribe,
+    // holding one of the user's socket slots, and the twentieth would get "too many connections".
+    let ready = format!("{}/ready", app.http_base(0));
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let body: serde_json::Value = app
+            .http
+            .get(&ready)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if body["deliveries"] == serde_json::Value::Bool(false) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never saw Redis go: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Twenty sockets at once, each refused at once: none waits behind the others' Redis timeouts
     // (which, queued at 2 s each, would take 40 s: longer than T).
     let base = app.ws_base(0);
