@@ -517,8 +517,6 @@ where
             got,
             seek_to,
         } => {
-            metrics::counter!(m::OFFSET_GAPS, "service" => service, "topic" => topic.to_owned())
-                .increment(1);
             tracing::error!(
                 service,
                 topic,
@@ -528,15 +526,7 @@ where
                 seek_to,
                 "offset gap: records skipped by the fetch; seeking back"
             );
-            if let Err(e) = consumer.seek(
-                topic,
-                partition,
-                Offset::Offset(seek_to),
-                Duration::from_secs(2),
-            ) {
-                tracing::error!(service, topic, partition, error = %e, "seek back failed; the partition will be re-read after a rebalance");
-                gaps.forget(partition);
-            }
+            seek_back(service, consumer, gaps, topic, partition, seek_to);
             false
         }
         Verdict::GapAccepted { expected, missing } => {
@@ -574,8 +564,6 @@ pub fn heal_stalled<C, X>(
         let Some((expected, seek_to)) = gaps.stalled(partition, fetch) else {
             continue;
         };
-        metrics::counter!(m::OFFSET_GAPS, "service" => service, "topic" => topic.to_owned())
-            .increment(1);
         tracing::error!(
             service,
             topic,
@@ -585,14 +573,33 @@ pub fn heal_stalled<C, X>(
             seek_to,
             "offset gap: reading stalled below the high watermark; seeking back"
         );
-        if let Err(e) = consumer.seek(
-            topic,
-            partition,
-            Offset::Offset(seek_to),
-            Duration::from_secs(2),
-        ) {
-            tracing::error!(service, topic, partition, error = %e, "seek back failed");
-        }
+        seek_back(service, consumer, gaps, topic, partition, seek_to);
+    }
+}
+
+/// Counts a gap of `partition` and seeks it to `seek_to`; when the seek fails the partition's
+/// state is forgotten (it is read again from its committed offset after a rebalance).
+fn seek_back<C, X>(
+    service: &'static str,
+    consumer: &C,
+    gaps: &mut GapDetector,
+    topic: &str,
+    partition: i32,
+    seek_to: i64,
+) where
+    C: Consumer<X>,
+    X: ConsumerContext,
+{
+    metrics::counter!(m::OFFSET_GAPS, "service" => service, "topic" => topic.to_owned())
+        .increment(1);
+    if let Err(e) = consumer.seek(
+        topic,
+        partition,
+        Offset::Offset(seek_to),
+        Duration::from_secs(2),
+    ) {
+        tracing::error!(service, topic, partition, error = %e, "seek back failed; the partition will be re-read after a rebalance");
+        gaps.forget(partition);
     }
 }
 

@@ -509,31 +509,7 @@ async fn concurrent_producers_then_every_offset_is_read_once_healed() {
     // record, where the skips happen (our services' consumer settings make them rarer, not
     // impossible: two were lost at 2,000 msg/s).
     let consumer = plain_consumer(&k.bootstrap_servers, &topic);
-    let producers: Vec<_> = (0..PRODUCERS)
-        .map(|p| {
-            let (k, topic) = (k.clone(), topic.clone());
-            tokio::spawn(async move {
-                let producer: FutureProducer = kafka::producer(&k, "test").unwrap();
-                for chunk in (0..PER_PRODUCER).collect::<Vec<_>>().chunks(2) {
-                    let sends = chunk.iter().map(|i| {
-                        let payload = format!("{p}-{i}");
-                        let (producer, topic) = (producer.clone(), topic.clone());
-                        async move {
-                            producer
-                                .send(
-                                    FutureRecord::to(&topic).key("k").payload(&payload),
-                                    Duration::from_secs(30),
-                                )
-                                .await
-                                .map(|_| ())
-                                .map_err(|(e, _)| e)
-                        }
-                    });
-                    futures::future::try_join_all(sends).await.unwrap();
-                }
-            })
-        })
-        .collect();
+    let producers = produce_in_pairs(&k, &topic, PRODUCERS, PER_PRODUCER);
     let label = format!("topic=\"{topic}\"");
     let mut gaps = GapDetector::default();
     let mut seen = BTreeSet::new();
@@ -601,31 +577,7 @@ async fn tansu_memory_engine_hands_out_offsets_past_a_batch_still_being_stored()
         .await
         .unwrap();
     let consumer = plain_consumer(&k.bootstrap_servers, &topic);
-    let writers: Vec<_> = (0..producers)
-        .map(|p| {
-            let (k, topic) = (k.clone(), topic.clone());
-            tokio::spawn(async move {
-                let producer: FutureProducer = kafka::producer(&k, "test").unwrap();
-                for chunk in (0..per_producer).collect::<Vec<_>>().chunks(2) {
-                    let sends = chunk.iter().map(|i| {
-                        let payload = format!("{p}-{i}");
-                        let (producer, topic) = (producer.clone(), topic.clone());
-                        async move {
-                            producer
-                                .send(
-                                    FutureRecord::to(&topic).key("k").payload(&payload),
-                                    Duration::from_secs(30),
-                                )
-                                .await
-                                .map(|_| ())
-                                .map_err(|(e, _)| e)
-                        }
-                    });
-                    futures::future::try_join_all(sends).await.unwrap();
-                }
-            })
-        })
-        .collect();
+    let writers = produce_in_pairs(&k, &topic, producers, per_producer);
     let total = (producers * per_producer) as i64;
     let mut next = 0_i64;
     let mut skips = Vec::new();
@@ -785,4 +737,41 @@ async fn a_restart_inside_a_batch_reads_every_record_from_the_committed_offset()
         }
     }
     assert_eq!(processed, (5..20).collect::<Vec<i64>>());
+}
+
+/// `producers` concurrent producers, each writing `per_producer` records to `topic` two at a
+/// time (two-record batches, as two gateways write them at 2,000 msg/s).
+fn produce_in_pairs(
+    k: &KafkaConfig,
+    topic: &str,
+    producers: usize,
+    per_producer: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..producers)
+        .map(|p| {
+            let (k, topic) = (k.clone(), topic.to_owned());
+            tokio::spawn(async move {
+                let producer: FutureProducer = kafka::producer(&k, "test").expect("producer");
+                for chunk in (0..per_producer).collect::<Vec<_>>().chunks(2) {
+                    let sends = chunk.iter().map(|i| {
+                        let payload = format!("{p}-{i}");
+                        let (producer, topic) = (producer.clone(), topic.clone());
+                        async move {
+                            producer
+                                .send(
+                                    FutureRecord::to(&topic).key("k").payload(&payload),
+                                    Duration::from_secs(30),
+                                )
+                                .await
+                                .map(|_| ())
+                                .map_err(|(e, _)| e)
+                        }
+                    });
+                    futures::future::try_join_all(sends)
+                        .await
+                        .expect("produced");
+                }
+            })
+        })
+        .collect()
 }
