@@ -60,6 +60,7 @@ pub const DLQ_WRITES: &str = "colloquy_dlq_writes_total";
 pub const REDIS_ERRORS: &str = "colloquy_redis_errors_total";
 pub const KAFKA_ERRORS: &str = "colloquy_kafka_errors_total";
 pub const REPLAYED: &str = "colloquy_replayed_deliveries_total";
+pub const REPLAYS_QUEUED: &str = "colloquy_replays_queued_total";
 pub const DUPLICATES: &str = "colloquy_duplicates_skipped_total";
 pub const OFFSET_GAPS: &str = "colloquy_consumer_offset_gaps_total";
 pub const ASSIGNED_PARTITIONS: &str = "colloquy_consumer_assigned_partitions";
@@ -231,6 +232,15 @@ pub const CONTRACT: &[MetricDef] = &[
         services: GATEWAY,
         zero: Some(&["resume"]),
         help: "Deliveries sent from the inbox stream during a replay, by what triggered it",
+    },
+    MetricDef {
+        name: REPLAYS_QUEUED,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &[],
+        services: GATEWAY,
+        zero: Some(&[]),
+        help: "Inbox replays that waited for a free slot (MAX_CONCURRENT_REPLAYS); bursts after a Redis reconnect are expected, steady growth means too few slots",
     },
     MetricDef {
         name: DUPLICATES,

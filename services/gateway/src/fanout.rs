@@ -27,6 +27,47 @@ use colloquy_core::{UserId, metrics as m};
 
 use crate::session::Outbound;
 
+/// What the fan-out needs of its Redis subscriber connection: fred's [`SubscriberClient`] in
+/// production, a scripted one in the unit tests (which check the order of re-subscribe and
+/// resync without a Redis).
+pub trait Channels: Send + Sync + 'static {
+    /// Whether the connection is up (a subscribe could succeed now).
+    fn is_connected(&self) -> bool;
+    /// Subscribes one channel.
+    fn subscribe(&self, channel: String) -> impl Future<Output = Result<(), String>> + Send;
+    /// Unsubscribes one channel.
+    fn unsubscribe(&self, channel: String) -> impl Future<Output = Result<(), String>> + Send;
+    /// Subscribes every channel subscribed before a reconnect again.
+    fn resubscribe_all(&self) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+impl Channels for SubscriberClient {
+    fn is_connected(&self) -> bool {
+        ClientLike::is_connected(self)
+    }
+
+    async fn subscribe(&self, channel: String) -> Result<(), String> {
+        PubsubInterface::subscribe(self, channel)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn unsubscribe(&self, channel: String) -> Result<(), String> {
+        PubsubInterface::unsubscribe(self, channel)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn resubscribe_all(&self) -> Result<(), String> {
+        if self.tracked_channels().is_empty() {
+            return Ok(());
+        }
+        SubscriberClient::resubscribe_all(self)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// A signal that a connection may have missed deliveries and must replay.
 ///
 /// Two steps: [`Resync::mark_gap`] stops live deliveries to the connection at once (a later
@@ -99,7 +140,7 @@ enum SubCmd {
 /// The registry of local connections and the subscriber behind it.
 pub struct Fanout {
     names: Names,
-    subscriber: SubscriberClient,
+    connected: Box<dyn Fn() -> bool + Send + Sync>,
     max_per_user: usize,
     users: Mutex<HashMap<UserId, Vec<ConnHandle>>>,
     commands: mpsc::UnboundedSender<SubCmd>,
@@ -120,22 +161,46 @@ impl Fanout {
         max_per_user: usize,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let fanout = Self::start_with(subscriber.clone(), names, max_per_user, shutdown.clone());
+        tokio::spawn(listen(Arc::clone(&fanout), subscriber, shutdown));
+        fanout
+    }
+
+    /// Starts the subscription manager over `channels`; deliveries come in through
+    /// [`Fanout::dispatch`] and reconnects through [`Fanout::on_reconnect`].
+    #[must_use]
+    pub fn start_with<C: Channels>(
+        channels: C,
+        names: Names,
+        max_per_user: usize,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let (commands, rx) = mpsc::unbounded_channel();
+        let channels = Arc::new(channels);
+        let probe = Arc::clone(&channels);
         let fanout = Arc::new(Self {
             names,
-            subscriber: subscriber.clone(),
+            connected: Box::new(move || probe.is_connected()),
             max_per_user,
             users: Mutex::new(HashMap::new()),
             commands,
         });
         tokio::spawn(manage_subscriptions(
             Arc::clone(&fanout),
-            subscriber.clone(),
+            channels,
             rx,
-            shutdown.clone(),
+            shutdown,
         ));
-        tokio::spawn(listen(Arc::clone(&fanout), subscriber, shutdown));
         fanout
+    }
+
+    /// The subscriber reconnected, so deliveries may have been missed: live ones stop at once
+    /// for every connection, and the subscription task re-subscribes every channel and only
+    /// then asks every connection to replay (a replay before the subscription is live could
+    /// miss an answer published in between).
+    pub fn on_reconnect(&self) {
+        self.mark_gap_all();
+        let _ = self.commands.send(SubCmd::Resubscribe);
     }
 
     fn users(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, Vec<ConnHandle>>> {
@@ -147,7 +212,7 @@ impl Fanout {
     /// Whether the subscriber is connected (deliveries can reach sockets); part of `/ready`.
     #[must_use]
     pub fn is_connected(&self) -> bool {
-        self.subscriber.is_connected()
+        (self.connected)()
     }
 
     /// Registers a connection and waits until its user's channel is subscribed. Fails at
@@ -156,7 +221,7 @@ impl Fanout {
     /// # Errors
     /// [`RegisterError`] when the user has too many sockets or Redis cannot subscribe.
     pub async fn register(&self, user: &UserId, handle: ConnHandle) -> Result<(), RegisterError> {
-        if !self.subscriber.is_connected() {
+        if !self.is_connected() {
             return Err(RegisterError::Subscribe("not connected".into()));
         }
         let id = handle.id;
@@ -248,9 +313,9 @@ impl Fanout {
     }
 }
 
-async fn manage_subscriptions(
+async fn manage_subscriptions<C: Channels>(
     fanout: Arc<Fanout>,
-    subscriber: SubscriberClient,
+    subscriber: Arc<C>,
     mut commands: mpsc::UnboundedReceiver<SubCmd>,
     shutdown: CancellationToken,
 ) {
@@ -279,7 +344,7 @@ async fn manage_subscriptions(
                     Err(e) => {
                         metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "subscribe").increment(1);
                         tracing::warn!(userid = %user, error = %e, "subscribe failed");
-                        let _ = reply.send(Err(e.to_string()));
+                        let _ = reply.send(Err(e));
                     }
                 }
             }
@@ -296,7 +361,7 @@ async fn manage_subscriptions(
                 }
             }
             SubCmd::Resubscribe => {
-                if resubscribe(&subscriber, &shutdown).await {
+                if resubscribe(&*subscriber, &shutdown).await {
                     fanout.resync_all();
                 }
             }
@@ -306,15 +371,12 @@ async fn manage_subscriptions(
 
 /// Subscribes every tracked channel again, retrying with jittered, capped backoff; `false`
 /// when shutdown came first.
-async fn resubscribe(subscriber: &SubscriberClient, shutdown: &CancellationToken) -> bool {
+async fn resubscribe<C: Channels>(subscriber: &C, shutdown: &CancellationToken) -> bool {
     let backoff = Backoff {
         base: Duration::from_millis(100),
         cap: Duration::from_secs(5),
         max_attempts: u32::MAX,
     };
-    if subscriber.tracked_channels().is_empty() {
-        return true;
-    }
     let mut attempts = 0u32;
     loop {
         attempts = attempts.saturating_add(1);
@@ -348,8 +410,7 @@ async fn listen(fanout: Arc<Fanout>, subscriber: SubscriberClient, shutdown: Can
             server = reconnects.recv() => {
                 if let Ok(server) = server {
                     tracing::info!(%server, "Redis subscriber reconnected; re-subscribing, then every connection replays");
-                    fanout.mark_gap_all();
-                    let _ = fanout.commands.send(SubCmd::Resubscribe);
+                    fanout.on_reconnect();
                 }
             }
             msg = messages.recv() => match msg {
@@ -371,5 +432,127 @@ async fn listen(fanout: Arc<Fanout>, subscriber: SubscriberClient, shutdown: Can
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// A subscriber whose re-subscribes wait for the test to let them through, and fail the
+    /// first `fail_first` times.
+    struct Scripted {
+        resubscribe_gate: Arc<Semaphore>,
+        fail_first: u32,
+        resubscribes: Arc<AtomicU32>,
+    }
+
+    impl Channels for Scripted {
+        fn is_connected(&self) -> bool {
+            true
+        }
+        async fn subscribe(&self, _channel: String) -> Result<(), String> {
+            Ok(())
+        }
+        async fn unsubscribe(&self, _channel: String) -> Result<(), String> {
+            Ok(())
+        }
+        async fn resubscribe_all(&self) -> Result<(), String> {
+            let permit = self
+                .resubscribe_gate
+                .acquire()
+                .await
+                .map_err(|e| e.to_string())?;
+            permit.forget();
+            let n = self.resubscribes.fetch_add(1, Ordering::SeqCst) + 1;
+            if n <= self.fail_first {
+                Err(format!("attempt {n} refused"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    struct Setup {
+        fanout: Arc<Fanout>,
+        resync: Arc<Resync>,
+        gate: Arc<Semaphore>,
+        resubscribes: Arc<AtomicU32>,
+        _rx: mpsc::Receiver<Outbound>,
+    }
+
+    async fn setup(fail_first: u32) -> Setup {
+        let gate = Arc::new(Semaphore::new(0));
+        let resubscribes = Arc::new(AtomicU32::new(0));
+        let channels = Scripted {
+            resubscribe_gate: Arc::clone(&gate),
+            fail_first,
+            resubscribes: Arc::clone(&resubscribes),
+        };
+        let fanout = Fanout::start_with(channels, Names::default(), 4, CancellationToken::new());
+        let (tx, rx) = mpsc::channel(8);
+        let resync = Arc::new(Resync::default());
+        let user = UserId::parse("alice").expect("a valid userid");
+        fanout
+            .register(
+                &user,
+                ConnHandle {
+                    id: 1,
+                    tx,
+                    resync: Arc::clone(&resync),
+                },
+            )
+            .await
+            .expect("registered");
+        Setup {
+            fanout,
+            resync,
+            gate,
+            resubscribes,
+            _rx: rx,
+        }
+    }
+
+    /// Whether the connection is asked to replay within `wait` (virtual time).
+    async fn replay_requested(resync: &Resync, wait: Duration) -> bool {
+        tokio::time::timeout(wait, resync.requested()).await.is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_reconnect_no_connection_replays_before_its_channel_is_subscribed_again() {
+        let s = setup(0).await;
+        s.fanout.on_reconnect();
+        assert!(s.resync.in_gap(), "live deliveries stop at once");
+        assert!(
+            !replay_requested(&s.resync, Duration::from_secs(30)).await,
+            "a replay was asked for while the re-subscribe was still running"
+        );
+        s.gate.add_permits(1);
+        assert!(replay_requested(&s.resync, Duration::from_secs(1)).await);
+        assert_eq!(s.resubscribes.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_re_subscribe_is_retried_and_the_replay_waits_for_its_success() {
+        let s = setup(3).await;
+        s.fanout.on_reconnect();
+        s.gate.add_permits(3);
+        assert!(
+            !replay_requested(&s.resync, Duration::from_secs(60)).await,
+            "a replay was asked for after a failed re-subscribe"
+        );
+        assert_eq!(
+            s.resubscribes.load(Ordering::SeqCst),
+            3,
+            "retried until the gate closed"
+        );
+        assert!(s.resync.in_gap(), "still no live deliveries");
+        s.gate.add_permits(1);
+        assert!(replay_requested(&s.resync, Duration::from_secs(10)).await);
+        assert_eq!(s.resubscribes.load(Ordering::SeqCst), 4);
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::Message;
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{TryAcquireError, mpsc};
 
 use colloquy_core::backoff::Backoff;
 use colloquy_core::records::{Delivery, ResponseBody};
@@ -374,8 +374,16 @@ impl Io<'_> {
                     .unwrap_or(REPLAY_BACKOFF.cap);
                 tokio::time::sleep(delay).await;
             }
-            let Ok(_permit) = state.replays.acquire().await else {
-                return;
+            let _permit = match state.replays.try_acquire() {
+                Ok(permit) => permit,
+                Err(TryAcquireError::Closed) => return,
+                Err(TryAcquireError::NoPermits) => {
+                    metrics::counter!(m::REPLAYS_QUEUED).increment(1);
+                    let Ok(permit) = state.replays.acquire().await else {
+                        return;
+                    };
+                    permit
+                }
             };
             let page = match inbox::read(
                 &state.redis,

@@ -760,6 +760,105 @@ async fn connecting_while_redis_is_down_fails_fast_with_1013() {
     app.shutdown().await;
 }
 
+/// The sum of every series of `name` in a Prometheus exposition.
+fn metric_sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn replays_queued(app: &TestApp) -> f64 {
+    let text = app
+        .http
+        .get(format!("{}/metrics", app.http_base(0)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric_sum(&text, colloquy_core::metrics::REPLAYS_QUEUED)
+}
+
+/// The gateway's subscriber connection drops while answers reach the inboxes but not the
+/// channels: once it has re-subscribed, every socket replays what it missed, and the replays
+/// queue for the gateway's replay slots (one here) instead of hitting Redis all at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_subscriber_makes_every_socket_replay_through_bounded_slots() {
+    use colloquy_core::records::{Delivery, INBOX_FIELD, ResponseBody};
+    use fred::prelude::*;
+
+    const USERS: usize = 24;
+    let app = TestApp::builder()
+        .gateway_config(|c| c.max_concurrent_replays = 1)
+        .spawn()
+        .await
+        .unwrap();
+    let mut sockets = Vec::with_capacity(USERS);
+    for i in 0..USERS {
+        let user = format!("replayer-{i}");
+        let mut ws = app.connect(0, &user).await.unwrap();
+        ws.welcome(T).await.unwrap();
+        sockets.push((user, ws));
+    }
+    let queued_before = replays_queued(&app).await;
+
+    // Answers the channel never carried: in each inbox, as if the relay had published them while
+    // the gateway's subscriber was away.
+    let redis = colloquy_core::redis::pool(&app.redis()).await.unwrap();
+    for (user, _) in &sockets {
+        let userid = UserId::parse(user).unwrap();
+        let delivery = Delivery {
+            event_id: None,
+            msg_id: format!("missed-{user}"),
+            userid: userid.clone(),
+            received_at_ms: colloquy_core::now_ms(),
+            timestamp: "2026-12-06T00:00:00Z".into(),
+            relayed_at_ms: colloquy_core::now_ms(),
+            traceparent: None,
+            body: ResponseBody::Final {
+                content: format!("for {user}"),
+                prompt_tokens: 1,
+                completion_tokens: 1,
+            },
+        };
+        let _: String = redis
+            .xadd(
+                app.names.inbox_key(&userid),
+                false,
+                None,
+                "*",
+                vec![(INBOX_FIELD, serde_json::to_string(&delivery).unwrap())],
+            )
+            .await
+            .unwrap();
+    }
+    let killed: i64 = redis
+        .custom(
+            fred::types::CustomCommand::new_static("CLIENT", None, false),
+            vec!["KILL", "TYPE", "pubsub"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "the gateway holds one subscriber connection");
+
+    for (user, ws) in &mut sockets {
+        match ws.response_to(&format!("missed-{user}"), T).await.unwrap() {
+            ServerFrame::Response { content, .. } => assert_eq!(content, format!("for {user}")),
+            other => panic!("not a response: {other:?}"),
+        }
+    }
+    let queued = replays_queued(&app).await - queued_before;
+    assert!(
+        queued >= 1.0,
+        "{USERS} replays at once through one slot, and none waited for it"
+    );
+    app.shutdown().await;
+}
+
 /// A Redis of our own that answers `LOADING` for several seconds after it starts: a dump of
 /// 20,000 keys loaded with a delay per key, serving clients between keys.
 struct LoadingRedis {
