@@ -96,10 +96,13 @@ where
         Duration::from_secs(2),
         inbox::position(&state.redis, &state.names, &user),
     )
-    .await;
+    .await
+    .map_err(|_| "timed out after 2 s".to_owned())
+    .and_then(|read| read.map_err(|e| e.to_string()));
     let position = match position {
-        Ok(Ok(p)) => p,
-        Ok(Err(_)) | Err(_) => {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(userid = %user, error = %e, "cannot read the inbox position; refusing the socket with 1013");
             state.fanout.unregister(&user, conn_id);
             metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "deliveries_unavailable")
                 .increment(1);
