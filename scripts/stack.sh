@@ -22,7 +22,7 @@ LOGS="$RUN/logs"
 BIN="$REPO/target/release"
 
 # Start order (down stops in reverse).
-SERVICES=(tansu redis fake-llm gateway-1 gateway-2 ai-consumer relay nginx prober alertmanager prometheus)
+SERVICES=(tansu redis fake-llm gateway-1 gateway-2 ai-consumer relay nginx prober alertmanager blackbox prometheus)
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -150,7 +150,7 @@ cmd_up() {
   need_port_free 8001 gateway-1; need_port_free 8002 gateway-2
   need_port_free 9101 ai-consumer; need_port_free 9102 relay
   need_port_free 8080 nginx; need_port_free 9090 prometheus
-  need_port_free 9103 prober; need_port_free 9093 alertmanager
+  need_port_free 9103 prober; need_port_free 9093 alertmanager; need_port_free 9115 blackbox
 
   # If anything below fails (or we are interrupted), stop what was already started.
   trap 'log "start-up failed: stopping what was started"; cmd_down' EXIT
@@ -256,6 +256,13 @@ cmd_up() {
     prometheus-alertmanager --config.file="$REPO/infra/alertmanager.yml" \
       --storage.path="$RUN/alertmanager" --web.listen-address=127.0.0.1:9093 --cluster.listen-address=
   wait_for alertmanager 30 curl -fsS http://127.0.0.1:9093/-/ready
+
+  # The blackbox exporter checks the broker's TCP port for the kafka-broker job
+  # (ColloquyKafkaBrokerDown); Debian's /etc/prometheus/blackbox.yml has the tcp_connect module.
+  start blackbox "$RUN" -- \
+    prometheus-blackbox-exporter --config.file=/etc/prometheus/blackbox.yml \
+      --web.listen-address=127.0.0.1:9115
+  wait_for blackbox 30 curl -fsS http://127.0.0.1:9115/-/healthy
 
   start prometheus "$RUN/prometheus" -- \
     prometheus --config.file="$REPO/infra/prometheus.yml" \
