@@ -104,15 +104,7 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", gateway.listen))?;
         let state = Arc::new(AppState::new(
-            gateway,
-            names,
-            producer,
-            pool,
-            tokens,
-            limiter,
-            fanout,
-            colloquy_core::metrics::recorder(),
-            shutdown,
+            gateway, names, producer, pool, tokens, limiter, fanout, shutdown,
         ));
         Ok(Self { listener, state })
     }

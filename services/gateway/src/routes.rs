@@ -33,7 +33,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/ws", get(websocket))
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics_text))
+        .route(
+            "/metrics",
+            get(|| async { colloquy_core::admin::metrics_response() }),
+        )
         .with_state(state)
 }
 
@@ -228,14 +231,6 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,15 +267,7 @@ mod tests {
         );
         let tokens = TokenService::new(&cfg.auth_secret, 60);
         Arc::new(AppState::new(
-            cfg,
-            names,
-            producer,
-            pool,
-            tokens,
-            limiter,
-            fanout,
-            colloquy_core::metrics::recorder(),
-            shutdown,
+            cfg, names, producer, pool, tokens, limiter, fanout, shutdown,
         ))
     }
 

@@ -28,14 +28,18 @@ use crate::rate_limit::Decision;
 use crate::state::AppState;
 
 /// What a session receives besides client frames.
+///
+/// Pointer-sized variants only: every socket's channel allocates its first block of slots up
+/// front, so each byte here costs 32 bytes per idle socket (64-byte variants cost 1.5 KiB more
+/// per socket than these 16; the test below holds the size).
 #[derive(Debug)]
 pub enum Outbound {
     /// A delivery published on the user's channel.
     Live(Arc<Delivery>),
     /// The inbox page a replay asked for; `None` when reading failed.
-    Inbox(Option<InboxPage>),
-    /// How producing a message ended (from the Kafka delivery report).
-    Published { msg_id: String, outcome: Published },
+    Inbox(Option<Box<InboxPage>>),
+    /// How producing a message ended (from the Kafka delivery report): its id and outcome.
+    Published(Box<(String, Published)>),
 }
 
 /// Deliveries buffered for one socket before it is considered slow and told to replay.
@@ -271,8 +275,11 @@ impl Io<'_> {
     fn on_outbound(&self, conn: &mut Connection, out: Outbound) -> Vec<Action> {
         match out {
             Outbound::Live(d) => conn.on_live(d),
-            Outbound::Inbox(page) => conn.on_inbox(page),
-            Outbound::Published { msg_id, outcome } => conn.on_published(msg_id, outcome),
+            Outbound::Inbox(page) => conn.on_inbox(page.map(|p| *p)),
+            Outbound::Published(published) => {
+                let (msg_id, outcome) = *published;
+                conn.on_published(msg_id, outcome)
+            }
         }
     }
 
@@ -401,7 +408,7 @@ impl Io<'_> {
                 Ok(page) => {
                     metrics::counter!(m::REPLAYED, "reason" => reason)
                         .increment(page.entries.len() as u64);
-                    Some(page)
+                    Some(Box::new(page))
                 }
                 Err(e) => {
                     metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "replay")
@@ -468,7 +475,9 @@ async fn await_ack(
             Published::Unavailable
         }
     };
-    let _ = tx.send(Outbound::Published { msg_id, outcome }).await;
+    let _ = tx
+        .send(Outbound::Published(Box::new((msg_id, outcome))))
+        .await;
 }
 
 fn unavailable(msg_id: &str, e: &publish::PublishError) {
@@ -513,4 +522,20 @@ fn delivered_frame(d: &Delivery) -> ServerFrame {
         }
     }
     d.to_frame()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Outbound;
+
+    #[test]
+    fn an_outbound_message_is_two_words() {
+        // Each socket's channel allocates a block of 32 slots at once: at 16 bytes a slot that
+        // is 512 bytes per idle socket (docs/performance.md, memory per connection).
+        assert!(
+            size_of::<Outbound>() <= 16,
+            "Outbound grew to {} bytes: box the new variant's payload",
+            size_of::<Outbound>()
+        );
+    }
 }

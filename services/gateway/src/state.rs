@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fred::prelude::Pool;
-use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::producer::FutureProducer;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +28,6 @@ pub struct AppState {
     pub limiter: RateLimiter,
     pub fanout: Arc<Fanout>,
     pub audit: Audit,
-    pub metrics: PrometheusHandle,
     /// Fired when the gateway begins to shut down; sessions close with 1012.
     pub shutdown: CancellationToken,
     /// Produce tasks that shutdown waits for.
@@ -61,7 +59,6 @@ impl AppState {
         tokens: TokenService,
         limiter: RateLimiter,
         fanout: Arc<Fanout>,
-        metrics: PrometheusHandle,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -75,7 +72,6 @@ impl AppState {
             tokens,
             limiter,
             fanout,
-            metrics,
             shutdown,
             tasks: TaskTracker::new(),
             sessions: TaskTracker::new(),
