@@ -6,7 +6,7 @@
 //! hundreds of those during the downtime (reconnecting clients, producers, Redis clients): one of
 //! them may take the port and the restart fails with "address in use". So listening ports are
 //! drawn below the ephemeral range, and only fall back to
-//! [`colloquy_testkit::infra::free_port`] when that range is too small to draw from.
+//! [`colloquy_testkit::process::free_port`] when that range is too small to draw from.
 
 use std::collections::HashSet;
 use std::net::TcpListener;
@@ -44,5 +44,5 @@ pub fn listen_port() -> std::io::Result<u16> {
             }
         }
     }
-    colloquy_testkit::infra::free_port()
+    colloquy_testkit::process::free_port()
 }

@@ -40,7 +40,7 @@ impl Edge {
         for dir in nginx::PREFIX_DIRS {
             std::fs::create_dir_all(prefix.path().join(dir))?;
         }
-        let port = colloquy_testkit::infra::free_port()?;
+        let port = colloquy_testkit::process::free_port()?;
         let conf = prefix.path().join("nginx.conf");
         std::fs::write(
             &conf,
