@@ -19,7 +19,7 @@ use colloquy_testkit::checker::Checker;
 use colloquy_testkit::load::{self, LoadConfig, LoadReport, Protocol, fmt_ms};
 
 use crate::cpu;
-use crate::stack::{Component, Stack, StackOptions, Storage, env};
+use crate::stack::{Component, Stack, StackOptions, Storage};
 
 /// One stack configuration and the rates it is offered.
 #[derive(Clone, Debug)]
@@ -172,18 +172,16 @@ impl BenchRow {
 pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for case in &cfg.cases {
-        let opts = StackOptions {
+        let mut opts = StackOptions {
             name: format!("bench-{}ms-{}", case.llm_latency_ms, case.max_in_flight),
             storage: cfg.storage,
-            fake_llm_env: vec![
-                env("FAKE_LLM_LATENCY_MS", &case.llm_latency_ms.to_string()),
-                env("FAKE_LLM_TOKENS_PER_SEC", "0"),
-            ],
-            consumer_env: vec![env("MAX_IN_FLIGHT", &case.max_in_flight.to_string())],
             // Every simulated user comes from 127.0.0.1.
             edge: crate::nginx::EdgeLimits::load_test(),
             ..StackOptions::default()
         };
+        opts.fake_llm.latency_ms = case.llm_latency_ms;
+        opts.fake_llm.token_rate = 0.0;
+        opts.consumer.max_in_flight = case.max_in_flight;
         let stack = Stack::launch(opts).await.context("bench stack")?;
         for &rate in &case.rates {
             let row = step(cfg, case, &stack, rate).await;

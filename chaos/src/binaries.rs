@@ -3,12 +3,15 @@
 //! Colloquy's own binaries are built by cargo into `target/release/` or `target/debug/`; a
 //! scenario must run what was built last, not a stale copy, so when both profiles hold a
 //! complete set the more recently built one wins (release on a tie). `COLLOQUY_BIN_DIR` names
-//! the directory outright. The broker (`tansu`), `redis-server` and `nginx` are installed tools.
+//! the directory outright. The broker (`tansu`), `redis-server` and `nginx` are installed tools,
+//! found by [`colloquy_testkit::process`] (tansu: `COLLOQUY_TANSU_BIN`, cargo's bin directory,
+//! `PATH`).
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
+use colloquy_testkit::process::{redis_binary, tansu_binary};
 
 /// Colloquy's binaries a stack runs, by file name.
 pub const SERVICE_BINARIES: [&str; 4] = [
@@ -40,15 +43,9 @@ impl Binaries {
     /// When a service binary, tansu or redis-server is missing; the message says how to get it.
     pub fn locate() -> anyhow::Result<Self> {
         let dir = service_dir()?;
-        let tansu = tansu().context(
-            "tansu (the Kafka-protocol broker) is not installed: run scripts/install-deps.sh",
-        )?;
-        let redis = find_on_path("redis-server", &[])
-            .context("redis-server is not installed: run scripts/install-deps.sh")?;
-        let nginx = find_on_path(
-            "nginx",
-            &[Path::new("/usr/sbin"), Path::new("/usr/local/sbin")],
-        );
+        let tansu = tansu_binary()?;
+        let redis = redis_binary()?;
+        let nginx = crate::nginx::binary();
         Ok(Self {
             gateway: dir.join("colloquy-gateway"),
             consumer: dir.join("colloquy-ai-consumer"),
@@ -113,26 +110,4 @@ fn service_dir() -> anyhow::Result<PathBuf> {
             debug.display()
         ),
     }
-}
-
-fn tansu() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("COLLOQUY_TANSU_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
-    find_on_path("tansu", &[&cargo_home.join("bin")])
-}
-
-/// `name` in one of `first` or on `PATH`.
-fn find_on_path(name: &str, first: &[&Path]) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    first
-        .iter()
-        .map(|d| d.to_path_buf())
-        .chain(std::env::split_paths(&path))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }

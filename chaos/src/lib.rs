@@ -3,8 +3,9 @@
 //! checker then says whether anything a client was acked for was lost, duplicated or invented.
 //!
 //! - [`binaries`]: where the service binaries, tansu, redis-server and nginx are found;
-//! - [`ports`]: ports that stay free while a killed process is down;
-//! - [`stack`]: the processes ([`Stack`]): start, kill -9, restart, wait until ready;
+//! - [`stack`]: the processes ([`Stack`]): each one's typed configuration rendered into its
+//!   environment, start, kill -9, restart, wait until ready (processes and ports come from
+//!   [`colloquy_testkit::process`]);
 //! - [`nginx`]: the edge configuration written for a stack;
 //! - [`scenarios`]: the scenarios and their run loop;
 //! - [`report`]: what a scenario found ([`ScenarioReport`]) and its table line;
@@ -16,7 +17,6 @@ pub mod bench;
 pub mod binaries;
 pub mod cpu;
 pub mod nginx;
-pub mod ports;
 pub mod report;
 pub mod scenarios;
 pub mod soak;

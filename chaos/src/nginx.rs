@@ -4,7 +4,12 @@
 //! upstream `server` lines (the tokens below) and keeps everything else, so every edge rule
 //! (limits, hidden internal endpoints, logs without query strings, timeouts) is the one the
 //! local stack and production run. Paths in the file are relative to nginx's prefix: the stack
-//! directory, which must hold `logs/`, `pids/` and `nginx/` ([`PREFIX_DIRS`]).
+//! directory, which must hold `logs/`, `pids/` and `nginx/` ([`PREFIX_DIRS`]); [`prepare`]
+//! makes them and writes the configuration.
+
+use std::path::{Path, PathBuf};
+
+use colloquy_testkit::process::find_program;
 
 /// The edge configuration, as committed.
 pub const TEMPLATE: &str = include_str!("../../infra/nginx.conf");
@@ -127,13 +132,46 @@ pub fn render(port: u16, gateways: &[u16], limits: EdgeLimits) -> Result<String,
     Ok(conf)
 }
 
-/// [`render`] for a stack that always has gateways.
-///
-/// # Panics
-/// Never for the committed template and a non-empty `gateways` (a unit test renders it).
+/// nginx, when installed (Debian puts it in `/usr/sbin`, often not on a user's `PATH`).
 #[must_use]
-pub fn config(port: u16, gateways: &[u16], limits: EdgeLimits) -> String {
-    render(port, gateways, limits).unwrap_or_else(|e| panic!("cannot render the edge: {e}"))
+pub fn binary() -> Option<PathBuf> {
+    find_program(
+        "nginx",
+        &[Path::new("/usr/sbin"), Path::new("/usr/local/sbin")],
+    )
+}
+
+/// Where [`prepare`] puts the configuration, under the prefix.
+pub const CONF: &str = "nginx/nginx.conf";
+/// nginx's error log under the prefix (the access log is named by the template: `logs/`).
+pub const ERROR_LOG: &str = "logs/nginx-error.log";
+
+/// Makes `prefix` ready for nginx on `port` in front of `gateways` (its directories and the
+/// rendered configuration) and returns nginx's arguments: in the foreground, on that prefix.
+///
+/// # Errors
+/// When the configuration does not render or a file cannot be written.
+pub fn prepare(
+    prefix: &Path,
+    port: u16,
+    gateways: &[u16],
+    limits: EdgeLimits,
+) -> anyhow::Result<Vec<String>> {
+    for sub in PREFIX_DIRS {
+        std::fs::create_dir_all(prefix.join(sub))?;
+    }
+    let conf = prefix.join(CONF);
+    std::fs::write(&conf, render(port, gateways, limits)?)?;
+    Ok(vec![
+        "-p".into(),
+        format!("{}/", prefix.display()),
+        "-c".into(),
+        conf.display().to_string(),
+        "-e".into(),
+        prefix.join(ERROR_LOG).display().to_string(),
+        "-g".into(),
+        "daemon off;".into(),
+    ])
 }
 
 #[cfg(test)]
@@ -155,7 +193,7 @@ mod tests {
 
     #[test]
     fn keeps_the_edge_rules() {
-        let conf = config(18080, &[18001], EdgeLimits::default());
+        let conf = render(18080, &[18001], EdgeLimits::default()).unwrap();
         for rule in [
             "limit_req ",
             "limit_conn ",
@@ -177,10 +215,10 @@ mod tests {
 
     #[test]
     fn committed_limits_stay_and_a_load_test_raises_them() {
-        let committed = config(18080, &[18001], EdgeLimits::default());
+        let committed = render(18080, &[18001], EdgeLimits::default()).unwrap();
         assert!(committed.contains("ws_per_addr 256;"));
         assert!(committed.contains("rate=20r/s;") && committed.contains("burst=200 nodelay;"));
-        let load = config(18080, &[18001], EdgeLimits::load_test());
+        let load = render(18080, &[18001], EdgeLimits::load_test()).unwrap();
         assert!(load.contains("ws_per_addr 20000;"), "{load}");
         assert!(load.contains("rate=10000r/s;") && load.contains("burst=20000 nodelay;"));
         assert!(!load.contains("ws_per_addr 256;"));

@@ -17,7 +17,7 @@ use colloquy_testkit::checker::Checker;
 use colloquy_testkit::load::{self, LoadConfig, LoadReport, Protocol};
 
 use crate::report::ScenarioReport;
-use crate::stack::{Component, Stack, StackOptions, env};
+use crate::stack::{Component, Stack, StackOptions};
 
 /// One chaos scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -81,10 +81,8 @@ impl Scenario {
         if self == Self::Llm429Storm {
             // Retry-After 0: the consumer's own backoff (20..200 ms, full jitter) paces the
             // retries; honouring a longer Retry-After is the backoff's unit tests' business.
-            opts.fake_llm_env.extend([
-                env("FAKE_LLM_429_RATIO", "0.5"),
-                env("FAKE_LLM_RETRY_AFTER_SECS", "0"),
-            ]);
+            opts.fake_llm.rate_limit_ratio = 0.5;
+            opts.fake_llm.retry_after_secs = 0;
         }
         opts
     }

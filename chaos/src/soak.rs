@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use colloquy_core::config::TelemetryConfig;
 use colloquy_testkit::checker::{Checker, Interval};
 use colloquy_testkit::load::{self, LoadConfig, LoadReport, Protocol, fmt_ms};
 
 use crate::scenarios::inject;
-use crate::stack::{Component, Stack, StackOptions, Storage, env};
+use crate::stack::{Component, Stack, StackOptions, Storage};
 
 /// Width of a row of the soak's table.
 pub const ROW: Duration = Duration::from_secs(10);
@@ -42,8 +43,8 @@ pub struct SoakConfig {
     pub nginx: bool,
     /// Keep the stack's directory even when the soak passed.
     pub keep_logs: bool,
-    /// Extra environment of the gateways, the ai-consumer and the relay.
-    pub service_env: Vec<(String, String)>,
+    /// Logs and traces of the gateways, the ai-consumer and the relay.
+    pub telemetry: TelemetryConfig,
 }
 
 impl Default for SoakConfig {
@@ -58,7 +59,7 @@ impl Default for SoakConfig {
             drain: Duration::from_secs(90),
             nginx: true,
             keep_logs: false,
-            service_env: Vec::new(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -232,22 +233,21 @@ impl SoakReport {
 /// When the stack cannot start or a killed component does not come back; the stack's directory
 /// is then kept and named in the error.
 pub async fn run(cfg: &SoakConfig) -> anyhow::Result<SoakReport> {
-    let opts = StackOptions {
+    let mut opts = StackOptions {
         name: "soak".into(),
         storage: cfg.storage,
         nginx: cfg.nginx,
         // Every simulated user comes from 127.0.0.1.
         edge: crate::nginx::EdgeLimits::load_test(),
-        service_env: cfg.service_env.clone(),
-        // A soak tests the pipeline at its rate, not the model: answers take 20 ms (about 30
-        // calls in flight at 1,500 msg/s, so every kill of the ai-consumer finds some), and
-        // 200 calls may run at once (the default 50 at ~100 ms caps the stack near 500 msg/s).
-        fake_llm_env: vec![
-            env("FAKE_LLM_LATENCY_MS", "20"),
-            env("FAKE_LLM_TOKENS_PER_SEC", "0"),
-        ],
-        consumer_env: vec![env("MAX_IN_FLIGHT", "200")],
+        telemetry: cfg.telemetry.clone(),
+        ..StackOptions::default()
     };
+    // A soak tests the pipeline at its rate, not the model: answers take 20 ms (about 30
+    // calls in flight at 1,500 msg/s, so every kill of the ai-consumer finds some), and
+    // 200 calls may run at once (the default 50 at ~100 ms caps the stack near 500 msg/s).
+    opts.fake_llm.latency_ms = 20;
+    opts.fake_llm.token_rate = 0.0;
+    opts.consumer.max_in_flight = 200;
     let mut stack = Stack::launch(opts).await.context("soak stack")?;
     match drive(cfg, &mut stack).await {
         Ok(mut report) => {

@@ -13,19 +13,26 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tokio::process::{Child, Command};
 
-use colloquy_core::config::KafkaConfig;
+use colloquy_ai_consumer::config::ConsumerConfig;
+use colloquy_core::config::{
+    Assignment, KafkaConfig, RedisConfig, Secrets, TelemetryConfig, ToEnv, render_env,
+};
 use colloquy_core::names::Names;
+use colloquy_gateway::config::GatewayConfig;
+use colloquy_relay::config::RelayConfig;
+use colloquy_testkit::fake_llm::{FakeLlmConfig, FakeLlmProcessConfig};
+pub use colloquy_testkit::process::Storage;
+use colloquy_testkit::process::{
+    ManagedProcess, ProcessSpec, RedisPersistence, accepts, free_port, redis_args, tansu_args,
+};
 
 use crate::binaries::Binaries;
-use crate::ports::listen_port;
 
 /// Partitions of every topic (as in `scripts/stack.sh`'s services: `KAFKA_PARTITIONS=4`).
 pub const PARTITIONS: i32 = 4;
@@ -61,36 +68,9 @@ impl fmt::Display for Component {
     }
 }
 
-/// Where the broker keeps its data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Storage {
-    /// tansu's sqlite engine: survives a broker kill -9 (the default, and `scripts/stack.sh`'s).
-    Sqlite,
-    /// tansu's memory engine: fast, forgets everything when the broker stops
-    /// (`KAFKA_STORAGE=memory`, what throughput runs use).
-    Memory,
-}
-
-impl Storage {
-    /// tansu's `--storage-engine` (sqlite paths are relative to the broker's directory).
-    fn engine_url(self) -> &'static str {
-        match self {
-            Self::Sqlite => "sqlite://tansu.db",
-            Self::Memory => "memory://tansu/",
-        }
-    }
-}
-
-impl fmt::Display for Storage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Sqlite => "sqlite",
-            Self::Memory => "memory",
-        })
-    }
-}
-
-/// What a stack runs with, beyond the defaults.
+/// What a stack runs with, beyond the defaults. The services' settings are their typed
+/// configurations, rendered into each process's environment by [`render_env`]; the stack sets
+/// only what it owns (addresses, ports, instance names, Kafka's partitions and assignment).
 #[derive(Clone, Debug)]
 pub struct StackOptions {
     /// Short name, part of the stack directory's name.
@@ -101,12 +81,16 @@ pub struct StackOptions {
     pub nginx: bool,
     /// The edge's per-address limits (the committed ones unless a load test raises them).
     pub edge: crate::nginx::EdgeLimits,
-    /// Environment of the fake LLM (`FAKE_LLM_*`).
-    pub fake_llm_env: Vec<(String, String)>,
-    /// Extra environment of the ai-consumer.
-    pub consumer_env: Vec<(String, String)>,
-    /// Extra environment of the gateways, the ai-consumer and the relay (e.g. the OTLP endpoint).
-    pub service_env: Vec<(String, String)>,
+    /// How the fake LLM answers.
+    pub fake_llm: FakeLlmConfig,
+    /// Both gateways' settings, but for `listen` and `instance_id`.
+    pub gateway: GatewayConfig,
+    /// The ai-consumer's settings, but for `metrics_listen` and `base_url`.
+    pub consumer: ConsumerConfig,
+    /// The relay's settings, but for `metrics_listen`.
+    pub relay: RelayConfig,
+    /// Logs and traces of the gateways, the ai-consumer and the relay (e.g. an OTLP endpoint).
+    pub telemetry: TelemetryConfig,
 }
 
 impl Default for StackOptions {
@@ -118,20 +102,32 @@ impl Default for StackOptions {
             edge: crate::nginx::EdgeLimits::default(),
             // An answer takes ~100 ms (50 ms to the first token, 8 tokens at 200/s), so a kill
             // always finds calls in flight and deltas streaming.
-            fake_llm_env: vec![
-                env("FAKE_LLM_LATENCY_MS", "50"),
-                env("FAKE_LLM_TOKENS_PER_SEC", "200"),
-            ],
-            consumer_env: Vec::new(),
-            service_env: Vec::new(),
+            fake_llm: FakeLlmConfig {
+                latency_ms: 50,
+                token_rate: 200.0,
+                ..FakeLlmConfig::default()
+            },
+            gateway: GatewayConfig {
+                // Load tests send far more than a person would.
+                rate_limit_messages: 1_000_000,
+                // A throwaway stack: dev mode (the built-in secret and an open POST /token).
+                ..GatewayConfig::local(SocketAddr::from(([127, 0, 0, 1], 0)))
+            },
+            consumer: ConsumerConfig {
+                backoff_base_ms: 20,
+                backoff_cap_ms: 200,
+                // A consumer killed mid-call leaves its lease behind; the restarted one waits
+                // it out before answering. The fake LLM answers in ~100 ms, so a 4 s attempt
+                // timeout and a 5 s lease keep the DESIGN's "lease about the request timeout"
+                // without a 90 s wait.
+                request_timeout_secs: 4,
+                lease_secs: 5,
+                ..ConsumerConfig::local(String::new())
+            },
+            relay: RelayConfig::local(),
+            telemetry: TelemetryConfig::default(),
         }
     }
-}
-
-/// A `(name, value)` environment pair.
-#[must_use]
-pub fn env(name: &str, value: &str) -> (String, String) {
-    (name.to_owned(), value.to_owned())
 }
 
 /// How to tell that a process serves.
@@ -143,112 +139,63 @@ enum Probe {
     Http(String),
 }
 
-/// A process the stack can start, kill and start again.
+/// A process of the stack and how to tell that it serves.
 #[derive(Debug)]
-struct Process {
-    program: PathBuf,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    cwd: PathBuf,
-    log: PathBuf,
+struct Member {
+    process: ManagedProcess,
     probe: Probe,
-    child: Option<Child>,
-    starts: u32,
 }
 
-impl Process {
-    fn new(program: &Path, cwd: &Path, log: PathBuf, probe: Probe) -> Self {
+impl Member {
+    fn new(spec: ProcessSpec, probe: Probe) -> Self {
         Self {
-            program: program.to_owned(),
-            args: Vec::new(),
-            env: Vec::new(),
-            cwd: cwd.to_owned(),
-            log,
+            process: ManagedProcess::new(spec),
             probe,
-            child: None,
-            starts: 0,
         }
     }
+}
 
-    fn args(mut self, args: &[&str]) -> Self {
-        self.args = args.iter().map(|a| (*a).to_owned()).collect();
-        self
-    }
+/// The ports a stack's processes listen on, drawn before any starts.
+#[derive(Debug)]
+struct Ports {
+    kafka: u16,
+    redis: u16,
+    llm: u16,
+    gateways: [u16; 2],
+    consumer: u16,
+    relay: u16,
+    nginx: u16,
+}
 
-    fn envs(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Self {
-        self.env.extend(vars);
-        self
+impl Ports {
+    fn draw() -> std::io::Result<Self> {
+        Ok(Self {
+            kafka: free_port()?,
+            redis: free_port()?,
+            llm: free_port()?,
+            gateways: [free_port()?, free_port()?],
+            consumer: free_port()?,
+            relay: free_port()?,
+            nginx: free_port()?,
+        })
     }
+}
 
-    /// Appends a marker line to the process's log, so its restarts can be found in it.
-    fn mark(&self, what: &str) {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-        {
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            let _ = writeln!(f, "=== {now} colloquy-chaos: {what}");
-        }
-    }
+/// 127.0.0.1:`port`.
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
 
-    fn spawn(&mut self) -> anyhow::Result<()> {
-        if self.child.is_some() {
-            bail!("already running");
-        }
-        self.starts += 1;
-        self.mark(&format!("start #{}", self.starts));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .with_context(|| format!("open {}", self.log.display()))?;
-        let mut cmd = Command::new(&self.program);
-        // A clean environment: nothing of the caller's (an OPENAI_API_KEY, a topic prefix, an
-        // OTLP endpoint) may change what the stack does.
-        cmd.env_clear();
-        for var in ["PATH", "HOME"] {
-            if let Some(v) = std::env::var_os(var) {
-                cmd.env(var, v);
-            }
-        }
-        let child = cmd
-            .env("RUST_BACKTRACE", "1")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .args(&self.args)
-            .current_dir(&self.cwd)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot run {}", self.program.display()))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    /// The exit status if the process ended, without waiting.
-    fn exit_status(&mut self) -> Option<String> {
-        match self.child.as_mut().map(Child::try_wait) {
-            None => Some("not running".into()),
-            Some(Ok(Some(status))) => Some(status.to_string()),
-            Some(Ok(None)) => None,
-            Some(Err(e)) => Some(format!("unknown state: {e}")),
-        }
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
+/// `/ready` of the process whose HTTP endpoint is on `port`.
+fn ready_probe(port: u16) -> Probe {
+    Probe::Http(format!("http://127.0.0.1:{port}/ready"))
 }
 
 /// A running stack. Dropping it kills every process; the directory (logs, data) is removed
 /// unless [`Stack::keep_dir`] was called.
 #[derive(Debug)]
 pub struct Stack {
-    procs: BTreeMap<Component, Process>,
+    procs: BTreeMap<Component, Member>,
     path: PathBuf,
     gateway_ports: Vec<u16>,
     /// `/metrics` of each service process: (service, URL).
@@ -270,14 +217,27 @@ impl Stack {
     pub async fn launch(opts: StackOptions) -> anyhow::Result<Self> {
         let bins = Binaries::locate()?;
         tracing::info!(services = %bins.dir.display(), "starting a stack");
+        let mut stack = Self::planned(&bins, &opts)?;
+        if let Err(e) = stack.start_all().await {
+            let dir = stack.keep_dir();
+            return Err(e.context(format!(
+                "the stack did not start; logs in {}",
+                dir.display()
+            )));
+        }
+        tracing::info!(dir = %stack.path.display(), entry = %stack.http_base(), "stack ready");
+        Ok(stack)
+    }
+
+    /// A stack in a fresh directory with every process planned and none started.
+    fn planned(bins: &Binaries, opts: &StackOptions) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("colloquy-chaos-{}-", opts.name))
             .tempdir()
             .context("stack directory")?;
-        let path = dir.path().to_owned();
         let mut stack = Self {
             procs: BTreeMap::new(),
-            path: path.clone(),
+            path: dir.path().to_owned(),
             gateway_ports: Vec::new(),
             metrics_urls: Vec::new(),
             nginx_port: None,
@@ -289,15 +249,7 @@ impl Stack {
                 .context("HTTP client")?,
             dir: Some(dir),
         };
-        stack.plan(&bins, &opts)?;
-        if let Err(e) = stack.start_all().await {
-            let dir = stack.keep_dir();
-            return Err(e.context(format!(
-                "the stack did not start; logs in {}",
-                dir.display()
-            )));
-        }
-        tracing::info!(dir = %path.display(), entry = %stack.http_base(), "stack ready");
+        stack.plan(bins, opts)?;
         Ok(stack)
     }
 
@@ -337,192 +289,28 @@ impl Stack {
 
     /// Decides ports, arguments and environment of every process.
     fn plan(&mut self, bins: &Binaries, opts: &StackOptions) -> anyhow::Result<()> {
-        let dir = self.path.clone();
-        let log = |c: Component| dir.join(format!("{c}.log"));
-        let kafka_port = listen_port()?;
-        let redis_port = listen_port()?;
-        let llm_port = listen_port()?;
-        self.kafka_bootstrap = format!("127.0.0.1:{kafka_port}");
-        self.redis_url = format!("redis://127.0.0.1:{redis_port}");
-
-        // sqlite://NAME is relative to the working directory (see infra/images/README.md).
-        let kafka_url = format!("tcp://{}", self.kafka_bootstrap);
-        let broker_dir = dir.join("broker");
-        std::fs::create_dir_all(&broker_dir)?;
-        let broker = Process::new(
-            &bins.tansu,
-            &broker_dir,
-            log(Component::Broker),
-            Probe::Tcp(kafka_port),
-        )
-        .args(&[
-            "broker",
-            "--listener-url",
-            &kafka_url,
-            "--advertised-listener-url",
-            &kafka_url,
-            "--storage-engine",
-            opts.storage.engine_url(),
-        ])
-        .envs([env(
-            "RUST_LOG",
-            &std::env::var("CHAOS_TANSU_LOG").unwrap_or_else(|_| "warn".into()),
-        )]);
+        let ports = Ports::draw()?;
+        self.kafka_bootstrap = format!("127.0.0.1:{}", ports.kafka);
+        self.redis_url = format!("redis://127.0.0.1:{}", ports.redis);
+        self.gateway_ports = ports.gateways.to_vec();
+        let broker = self.broker(bins, opts, &ports)?;
         self.procs.insert(Component::Broker, broker);
-
-        let redis_dir = dir.join("redis");
-        std::fs::create_dir_all(&redis_dir)?;
-        let redis_dir_arg = redis_dir.display().to_string();
-        let redis = Process::new(
-            &bins.redis,
-            &redis_dir,
-            log(Component::Redis),
-            Probe::Tcp(redis_port),
-        )
-        .args(&[
-            "--port",
-            &redis_port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--daemonize",
-            "no",
-            "--dir",
-            &redis_dir_arg,
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-            "--logfile",
-            "",
-        ]);
+        let redis = self.redis(bins, &ports)?;
         self.procs.insert(Component::Redis, redis);
-
-        let llm = Process::new(
-            &bins.fake_llm,
-            &dir,
-            log(Component::FakeLlm),
-            Probe::Tcp(llm_port),
-        )
-        .envs([
-            env("FAKE_LLM_LISTEN", &format!("127.0.0.1:{llm_port}")),
-            env("RUST_LOG", "info"),
-        ])
-        .envs(opts.fake_llm_env.iter().cloned());
+        let llm = self.fake_llm(bins, opts, &ports);
         self.procs.insert(Component::FakeLlm, llm);
-
-        let mut common = vec![
-            env("KAFKA_BOOTSTRAP_SERVERS", &self.kafka_bootstrap),
-            env("REDIS_URL", &self.redis_url),
-            env("KAFKA_PARTITIONS", &PARTITIONS.to_string()),
-            env("RUST_LOG", "info"),
-        ];
-        common.extend(opts.service_env.iter().cloned());
         for n in 0..2u8 {
-            let port = listen_port()?;
-            self.gateway_ports.push(port);
-            self.metrics_urls
-                .push(("gateway", format!("http://127.0.0.1:{port}/metrics")));
-            let c = Component::Gateway(n);
-            let gw = Process::new(
-                &bins.gateway,
-                &dir,
-                log(c),
-                Probe::Http(format!("http://127.0.0.1:{port}/ready")),
-            )
-            .envs(common.iter().cloned())
-            .envs([
-                env("GATEWAY_LISTEN", &format!("127.0.0.1:{port}")),
-                env("GATEWAY_INSTANCE_ID", &format!("gw{}", n + 1)),
-                env("RATE_LIMIT_MESSAGES", "1000000"),
-                // A throwaway stack: the built-in secret and an open POST /token are fine.
-                env("COLLOQUY_DEV", "1"),
-            ]);
-            self.procs.insert(c, gw);
+            let gateway = self.gateway(bins, opts, n, ports.gateways[usize::from(n)]);
+            self.procs.insert(Component::Gateway(n), gateway);
         }
-
-        let consumer_port = listen_port()?;
-        self.metrics_urls.push((
-            "ai-consumer",
-            format!("http://127.0.0.1:{consumer_port}/metrics"),
-        ));
-        let consumer = Process::new(
-            &bins.consumer,
-            &dir,
-            log(Component::Consumer),
-            Probe::Http(format!("http://127.0.0.1:{consumer_port}/ready")),
-        )
-        .envs(common.iter().cloned())
-        .envs([
-            env("METRICS_LISTEN", &format!("127.0.0.1:{consumer_port}")),
-            env(
-                "OPENAI_BASE_URL",
-                &format!("http://127.0.0.1:{llm_port}/v1"),
-            ),
-            env("LLM_BACKOFF_BASE_MS", "20"),
-            env("LLM_BACKOFF_CAP_MS", "200"),
-            // A consumer killed mid-call leaves its lease behind; the restarted one waits it
-            // out before answering. The fake LLM answers in ~100 ms, so a 4 s attempt
-            // timeout and a 5 s lease keep the DESIGN's "lease about the request timeout"
-            // without a 90 s wait.
-            env("LLM_REQUEST_TIMEOUT_SECS", "4"),
-            env("CLAIM_LEASE_SECS", "5"),
-            // One instance takes every partition by hand (tansu's group coordinator can
-            // leave a restarted member without any); the stable id names its claim leases,
-            // so the restarted process takes its predecessor's over at once.
-            env("KAFKA_ASSIGNMENT", "all"),
-            env("KAFKA_GROUP_INSTANCE_ID", "ai-consumer-1"),
-        ])
-        .envs(opts.consumer_env.iter().cloned());
+        let consumer = self.consumer(bins, opts, &ports);
         self.procs.insert(Component::Consumer, consumer);
-
-        let relay_port = listen_port()?;
-        self.metrics_urls
-            .push(("relay", format!("http://127.0.0.1:{relay_port}/metrics")));
-        let relay = Process::new(
-            &bins.relay,
-            &dir,
-            log(Component::Relay),
-            Probe::Http(format!("http://127.0.0.1:{relay_port}/ready")),
-        )
-        .envs(common.iter().cloned())
-        .envs([
-            env("METRICS_LISTEN", &format!("127.0.0.1:{relay_port}")),
-            env("KAFKA_ASSIGNMENT", "all"),
-            env("KAFKA_GROUP_INSTANCE_ID", "relay-1"),
-        ]);
+        let relay = self.relay(bins, opts, &ports);
         self.procs.insert(Component::Relay, relay);
-
         if opts.nginx {
             match &bins.nginx {
                 Some(nginx) => {
-                    let port = listen_port()?;
-                    self.nginx_port = Some(port);
-                    for sub in crate::nginx::PREFIX_DIRS {
-                        std::fs::create_dir_all(dir.join(sub))?;
-                    }
-                    let conf = dir.join("nginx").join("nginx.conf");
-                    std::fs::write(
-                        &conf,
-                        crate::nginx::config(port, &self.gateway_ports, opts.edge),
-                    )?;
-                    let (prefix, conf, error_log) = (
-                        format!("{}/", dir.display()),
-                        conf.display().to_string(),
-                        dir.join("nginx").join("error.log").display().to_string(),
-                    );
-                    let proc = Process::new(nginx, &dir, log(Component::Nginx), Probe::Tcp(port))
-                        .args(&[
-                            "-p",
-                            &prefix,
-                            "-c",
-                            &conf,
-                            "-e",
-                            &error_log,
-                            "-g",
-                            "daemon off;",
-                        ]);
+                    let proc = self.nginx(nginx, opts, ports.nginx)?;
                     self.procs.insert(Component::Nginx, proc);
                 }
                 None => tracing::warn!(
@@ -533,10 +321,138 @@ impl Stack {
         Ok(())
     }
 
-    /// Creates the topics before any service starts, so that no two services race to.
-    async fn create_topics(&self) -> anyhow::Result<()> {
+    /// `<component>.log` in the stack's directory.
+    fn log(&self, c: Component) -> PathBuf {
+        self.path.join(format!("{c}.log"))
+    }
+
+    /// tansu in `broker/` (where its sqlite file goes).
+    fn broker(
+        &self,
+        bins: &Binaries,
+        opts: &StackOptions,
+        ports: &Ports,
+    ) -> anyhow::Result<Member> {
+        let dir = self.path.join("broker");
+        std::fs::create_dir_all(&dir)?;
+        let log_filter = std::env::var("CHAOS_TANSU_LOG").unwrap_or_else(|_| "warn".into());
+        let spec = ProcessSpec::new(&bins.tansu, &dir, self.log(Component::Broker))
+            .args(tansu_args(ports.kafka, opts.storage))
+            .envs([("RUST_LOG".to_owned(), log_filter)]);
+        Ok(Member::new(spec, Probe::Tcp(ports.kafka)))
+    }
+
+    /// Redis with its append-only file in `redis/`, fsynced on every write (see the module's
+    /// header).
+    fn redis(&self, bins: &Binaries, ports: &Ports) -> anyhow::Result<Member> {
+        let dir = self.path.join("redis");
+        std::fs::create_dir_all(&dir)?;
+        let persistence = RedisPersistence::AppendFsyncAlways(dir.clone());
+        let spec = ProcessSpec::new(&bins.redis, &dir, self.log(Component::Redis))
+            .args(redis_args(ports.redis, &persistence));
+        Ok(Member::new(spec, Probe::Tcp(ports.redis)))
+    }
+
+    fn fake_llm(&self, bins: &Binaries, opts: &StackOptions, ports: &Ports) -> Member {
+        let config = FakeLlmProcessConfig {
+            listen: local(ports.llm),
+            llm: opts.fake_llm.clone(),
+        };
+        let spec = ProcessSpec::new(&bins.fake_llm, &self.path, self.log(Component::FakeLlm))
+            .envs(render_env(&config, Secrets::Omit));
+        Member::new(spec, Probe::Tcp(ports.llm))
+    }
+
+    /// What every service shares: Kafka (with the stack's partitions), Redis, the default
+    /// names and the telemetry settings.
+    fn shared_env(&self, opts: &StackOptions, kafka: &KafkaConfig) -> Vec<(String, String)> {
+        [
+            render_env(kafka, Secrets::Omit),
+            render_env(&RedisConfig::local(self.redis_url.clone()), Secrets::Omit),
+            render_env(&Names::default(), Secrets::Omit),
+            render_env(&opts.telemetry, Secrets::Omit),
+        ]
+        .concat()
+    }
+
+    /// Kafka for a service; a consumer gets `consumer_instance` as its static identity and takes every
+    /// partition by hand (tansu's group coordinator can leave a restarted member without any;
+    /// the stable id also names the ai-consumer's claim leases, so a restarted process takes
+    /// its predecessor's over at once).
+    fn kafka(&self, consumer_instance: Option<&str>) -> KafkaConfig {
         let mut kafka = KafkaConfig::local(self.kafka_bootstrap.clone());
         kafka.partitions = PARTITIONS;
+        if let Some(instance) = consumer_instance {
+            kafka.assignment = Assignment::All;
+            kafka.group_instance_id = Some(instance.to_owned());
+        }
+        kafka
+    }
+
+    /// A service process: `program` with `service`'s environment and what all services share.
+    fn service<C: ToEnv>(
+        &self,
+        program: &Path,
+        c: Component,
+        service: &C,
+        shared: Vec<(String, String)>,
+        port: u16,
+    ) -> Member {
+        let spec = ProcessSpec::new(program, &self.path, self.log(c))
+            .envs(shared)
+            .envs(render_env(service, Secrets::Omit));
+        Member::new(spec, ready_probe(port))
+    }
+
+    /// Gateway `n` (0-based) on `port`, named `gw{n+1}`.
+    fn gateway(&mut self, bins: &Binaries, opts: &StackOptions, n: u8, port: u16) -> Member {
+        self.metrics_urls
+            .push(("gateway", format!("http://127.0.0.1:{port}/metrics")));
+        let config = GatewayConfig {
+            listen: local(port),
+            instance_id: format!("gw{}", n + 1),
+            ..opts.gateway.clone()
+        };
+        let shared = self.shared_env(opts, &self.kafka(None));
+        self.service(&bins.gateway, Component::Gateway(n), &config, shared, port)
+    }
+
+    fn consumer(&mut self, bins: &Binaries, opts: &StackOptions, ports: &Ports) -> Member {
+        let port = ports.consumer;
+        self.metrics_urls
+            .push(("ai-consumer", format!("http://127.0.0.1:{port}/metrics")));
+        let config = ConsumerConfig {
+            metrics_listen: local(port),
+            base_url: format!("http://127.0.0.1:{}/v1", ports.llm),
+            ..opts.consumer.clone()
+        };
+        let shared = self.shared_env(opts, &self.kafka(Some("ai-consumer-1")));
+        self.service(&bins.consumer, Component::Consumer, &config, shared, port)
+    }
+
+    fn relay(&mut self, bins: &Binaries, opts: &StackOptions, ports: &Ports) -> Member {
+        let port = ports.relay;
+        self.metrics_urls
+            .push(("relay", format!("http://127.0.0.1:{port}/metrics")));
+        let config = RelayConfig {
+            metrics_listen: local(port),
+            ..opts.relay.clone()
+        };
+        let shared = self.shared_env(opts, &self.kafka(Some("relay-1")));
+        self.service(&bins.relay, Component::Relay, &config, shared, port)
+    }
+
+    /// nginx on `port` in front of both gateways, with the stack's directory as its prefix.
+    fn nginx(&mut self, program: &Path, opts: &StackOptions, port: u16) -> anyhow::Result<Member> {
+        let args = crate::nginx::prepare(&self.path, port, &self.gateway_ports, opts.edge)?;
+        self.nginx_port = Some(port);
+        let spec = ProcessSpec::new(program, &self.path, self.log(Component::Nginx)).args(args);
+        Ok(Member::new(spec, Probe::Tcp(port)))
+    }
+
+    /// Creates the topics before any service starts, so that no two services race to.
+    async fn create_topics(&self) -> anyhow::Result<()> {
+        let kafka = self.kafka(None);
         let topics = Names::default().all_topics();
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -551,7 +467,7 @@ impl Stack {
         }
     }
 
-    fn process(&mut self, c: Component) -> anyhow::Result<&mut Process> {
+    fn member(&mut self, c: Component) -> anyhow::Result<&mut Member> {
         self.procs
             .get_mut(&c)
             .with_context(|| format!("this stack has no {c}"))
@@ -563,9 +479,19 @@ impl Stack {
     /// When it is already running or cannot be spawned.
     pub fn start(&mut self, c: Component) -> anyhow::Result<()> {
         tracing::info!(component = %c, "starting");
-        self.process(c)?
-            .spawn()
+        self.member(c)?
+            .process
+            .start()
             .with_context(|| format!("cannot start {c}"))
+    }
+
+    /// The process of `c`, which must have been started.
+    fn started(&mut self, c: Component) -> anyhow::Result<&mut ManagedProcess> {
+        let process = &mut self.member(c)?.process;
+        if !process.is_started() {
+            bail!("{c} is not running");
+        }
+        Ok(process)
     }
 
     /// Kills `c` with SIGKILL (nothing is flushed, committed or closed politely) and reaps it.
@@ -573,49 +499,23 @@ impl Stack {
     /// # Errors
     /// When it is not running or the signal fails.
     pub async fn kill9(&mut self, c: Component) -> anyhow::Result<()> {
-        let proc = self.process(c)?;
-        let mut child = proc
-            .child
-            .take()
-            .with_context(|| format!("{c} is not running"))?;
-        tracing::info!(component = %c, pid = child.id(), "kill -9");
-        // tokio's kill sends SIGKILL on Unix, then waits for the exit.
-        child
+        let process = self.started(c)?;
+        tracing::info!(component = %c, pid = process.pid(), "kill -9");
+        process
             .kill()
             .await
-            .with_context(|| format!("cannot kill {c}"))?;
-        proc.mark("killed with SIGKILL");
-        Ok(())
+            .with_context(|| format!("cannot kill {c}"))
     }
 
     /// Stops `c` as an operator would (SIGTERM, then SIGKILL after 10 s) and reaps it.
     ///
     /// # Errors
-    /// When it is not running or cannot be signalled.
+    /// When it is not running or cannot be killed.
     pub async fn stop(&mut self, c: Component) -> anyhow::Result<()> {
-        let proc = self.process(c)?;
-        let mut child = proc
-            .child
-            .take()
-            .with_context(|| format!("{c} is not running"))?;
-        if let Some(pid) = child.id() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .await;
-        }
-        if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        self.started(c)?
+            .stop(Duration::from_secs(10))
             .await
-            .is_err()
-        {
-            tracing::warn!(component = %c, "did not stop within 10 s; SIGKILL");
-            child
-                .kill()
-                .await
-                .with_context(|| format!("cannot kill {c}"))?;
-        }
-        proc.mark("stopped with SIGTERM");
-        Ok(())
+            .with_context(|| format!("cannot stop {c}"))
     }
 
     /// `scripts/stack.sh down && scripts/stack.sh up`: stops every process (services first,
@@ -627,7 +527,7 @@ impl Stack {
     pub async fn restart_all(&mut self) -> anyhow::Result<()> {
         let order: Vec<Component> = self.procs.keys().rev().copied().collect();
         for c in order {
-            if self.process(c)?.child.is_some() {
+            if self.member(c)?.process.is_started() {
                 self.stop(c).await?;
             }
         }
@@ -642,20 +542,19 @@ impl Stack {
     /// When it exits or is not ready within 60 s; the message carries the end of its log.
     pub async fn wait_ready(&mut self, c: Component) -> anyhow::Result<()> {
         let http = self.http.clone();
-        let proc = self.process(c)?;
+        let member = self.member(c)?;
+        let (process, probe) = (&mut member.process, &member.probe);
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(status) = proc.exit_status() {
+            if let Some(status) = process.exit_status() {
                 bail!(
                     "{c} is not running ({status}); end of {}:\n{}",
-                    proc.log.display(),
-                    proc.log_tail(30)
+                    process.spec().log.display(),
+                    process.log_tail(30)
                 );
             }
-            let ready = match &proc.probe {
-                Probe::Tcp(port) => tokio::net::TcpStream::connect(("127.0.0.1", *port))
-                    .await
-                    .is_ok(),
+            let ready = match probe {
+                Probe::Tcp(port) => accepts(*port).await,
                 Probe::Http(url) => http
                     .get(url)
                     .send()
@@ -669,8 +568,8 @@ impl Stack {
             if Instant::now() > deadline {
                 bail!(
                     "{c} not ready after {READY_TIMEOUT:?}; end of {}:\n{}",
-                    proc.log.display(),
-                    proc.log_tail(30)
+                    process.spec().log.display(),
+                    process.log_tail(30)
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -680,7 +579,7 @@ impl Stack {
     /// The process id of `c`, while it runs.
     #[must_use]
     pub fn pid(&self, c: Component) -> Option<u32> {
-        self.procs.get(&c)?.child.as_ref()?.id()
+        self.procs.get(&c)?.process.pid()
     }
 
     /// Every process of this stack.
@@ -693,7 +592,7 @@ impl Stack {
     pub fn not_running(&mut self) -> Vec<(Component, String)> {
         self.procs
             .iter_mut()
-            .filter_map(|(c, p)| p.exit_status().map(|s| (*c, s)))
+            .filter_map(|(c, m)| m.process.exit_status().map(|s| (*c, s)))
             .collect()
     }
 
@@ -762,21 +661,98 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         // nginx's workers outlive a SIGKILLed master (and keep the port): stop it politely first.
-        if let Some(child) = self
-            .procs
-            .get_mut(&Component::Nginx)
-            .and_then(|p| p.child.as_mut())
-            && let Some(pid) = child.id()
-        {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        if let Some(nginx) = self.procs.get_mut(&Component::Nginx) {
+            nginx
+                .process
+                .signal_and_wait_blocking("TERM", Duration::from_secs(3));
         }
-        // Every other child is killed as it is dropped (kill_on_drop).
+        // Every other child is killed as it is dropped.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use colloquy_core::config::parse_env;
+
+    use super::*;
+
+    fn planned(opts: &StackOptions) -> Stack {
+        let bin = PathBuf::from("/nonexistent");
+        let bins = Binaries {
+            dir: bin.clone(),
+            gateway: bin.clone(),
+            consumer: bin.clone(),
+            relay: bin.clone(),
+            fake_llm: bin.clone(),
+            tansu: bin.clone(),
+            redis: bin.clone(),
+            nginx: None,
+        };
+        Stack::planned(&bins, opts).unwrap()
+    }
+
+    fn env(stack: &Stack, c: Component) -> Vec<(String, String)> {
+        stack.procs[&c].process.spec().env.clone()
+    }
+
+    #[test]
+    fn each_service_reads_its_planned_configuration_back() {
+        let mut opts = StackOptions::default();
+        opts.consumer.max_in_flight = 200;
+        opts.telemetry.otlp_endpoint = Some("http://127.0.0.1:4318".into());
+        let stack = planned(&opts);
+
+        let gateway = env(&stack, Component::Gateway(1));
+        let gw: GatewayConfig = parse_env(&gateway).unwrap();
+        assert_eq!(gw.listen.port(), stack.gateway_ports[1]);
+        assert_eq!(gw.instance_id, "gw2");
+        assert!(gw.dev);
+        assert_eq!(gw.rate_limit_messages, 1_000_000);
+        let kafka: KafkaConfig = parse_env(&gateway).unwrap();
+        assert_eq!(kafka.bootstrap_servers, stack.kafka_bootstrap);
+        assert_eq!(kafka.partitions, PARTITIONS);
+        assert_eq!(kafka.assignment, Assignment::Group);
+        let redis: RedisConfig = parse_env(&gateway).unwrap();
+        assert_eq!(redis.url, stack.redis_url);
+        let telemetry: TelemetryConfig = parse_env(&gateway).unwrap();
+        assert_eq!(telemetry.otlp_endpoint, opts.telemetry.otlp_endpoint);
+
+        let consumer = env(&stack, Component::Consumer);
+        let c: ConsumerConfig = parse_env(&consumer).unwrap();
+        assert_eq!(c.max_in_flight, 200);
+        assert_eq!((c.request_timeout_secs, c.lease_secs), (4, 5));
+        let llm: FakeLlmProcessConfig = parse_env(&env(&stack, Component::FakeLlm)).unwrap();
+        assert_eq!(c.base_url, format!("http://{}/v1", llm.listen));
+        assert_eq!(llm.llm.latency_ms, 50);
+        let kafka: KafkaConfig = parse_env(&consumer).unwrap();
+        assert_eq!(kafka.assignment, Assignment::All);
+        assert_eq!(kafka.group_instance_id.as_deref(), Some("ai-consumer-1"));
+
+        let relay = env(&stack, Component::Relay);
+        let r: RelayConfig = parse_env(&relay).unwrap();
+        assert_eq!(
+            stack.metrics_urls.last().map(|(_, u)| u.clone()),
+            Some(format!("http://{}/metrics", r.metrics_listen))
+        );
+        let kafka: KafkaConfig = parse_env(&relay).unwrap();
+        assert_eq!(kafka.group_instance_id.as_deref(), Some("relay-1"));
+    }
+
+    #[test]
+    fn no_secret_reaches_a_process() {
+        let mut opts = StackOptions::default();
+        opts.gateway.admin_token = Some("admin-token-for-the-test".into());
+        let stack = planned(&opts);
+        for c in stack.components() {
+            let env = env(&stack, c);
+            assert!(
+                !env.iter().any(
+                    |(k, v)| ["AUTH_SECRET", "AUTH_ADMIN_TOKEN", "OPENAI_API_KEY"]
+                        .contains(&k.as_str())
+                        || v.contains("admin-token-for-the-test")
+                ),
+                "{c}: {env:?}"
+            );
+        }
     }
 }

@@ -3,11 +3,9 @@
 //! not installed. Kafka and Redis come from the testkit (`COLLOQUY_TESTKIT=processes` for local
 //! processes).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Context;
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -16,20 +14,13 @@ use colloquy_core::wire::ServerFrame;
 use colloquy_testkit::TestApp;
 use colloquy_testkit::client::WsClient;
 use colloquy_testkit::harness::TestAppBuilder;
+use colloquy_testkit::process::{ManagedProcess, ProcessSpec, free_port, wait_port};
 
 const T: Duration = Duration::from_secs(20);
 
-fn nginx_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-        .map(|d| d.join("nginx"))
-        .find(|p| p.is_file())
-}
-
 /// nginx running the rendered edge configuration in a temporary prefix.
 struct Edge {
-    child: Child,
+    nginx: ManagedProcess,
     port: u16,
     prefix: tempfile::TempDir,
 }
@@ -37,42 +28,19 @@ struct Edge {
 impl Edge {
     async fn start(bin: &Path, gateways: &[u16]) -> anyhow::Result<Self> {
         let prefix = tempfile::tempdir()?;
-        for dir in nginx::PREFIX_DIRS {
-            std::fs::create_dir_all(prefix.path().join(dir))?;
-        }
-        let port = colloquy_testkit::infra::free_port()?;
-        let conf = prefix.path().join("nginx.conf");
-        std::fs::write(
-            &conf,
-            nginx::render(port, gateways, nginx::EdgeLimits::default())?,
-        )?;
-        let child = Command::new(bin)
-            .arg("-p")
-            .arg(format!("{}/", prefix.path().display()))
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(prefix.path().join("logs/nginx-error.log"))
-            .args(["-g", "daemon off;"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start nginx")?;
-        let edge = Self {
-            child,
+        let port = free_port()?;
+        let args = nginx::prepare(prefix.path(), port, gateways, nginx::EdgeLimits::default())?;
+        let log = prefix.path().join("nginx.out");
+        let mut edge = Self {
+            nginx: ManagedProcess::new(ProcessSpec::new(bin, prefix.path(), log).args(args)),
             port,
             prefix,
         };
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Ok(edge);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        edge.nginx.start()?;
+        if let Err(e) = wait_port(port, Duration::from_secs(5)).await {
+            anyhow::bail!("nginx did not listen ({e}): {}", edge.error_log());
         }
-        anyhow::bail!("nginx did not listen: {}", edge.error_log())
+        Ok(edge)
     }
 
     fn http(&self) -> String {
@@ -89,24 +57,16 @@ impl Edge {
     }
 
     fn error_log(&self) -> String {
-        std::fs::read_to_string(self.prefix.path().join("logs/nginx-error.log")).unwrap_or_default()
+        std::fs::read_to_string(self.prefix.path().join(nginx::ERROR_LOG)).unwrap_or_default()
     }
 }
 
 impl Drop for Edge {
     fn drop(&mut self) {
-        // SIGQUIT (graceful) lets the master take its workers down with it.
-        let _ = Command::new("kill")
-            .args(["-QUIT", &self.child.id().to_string()])
-            .status();
-        for _ in 0..50 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGQUIT (graceful) lets the master take its workers down with it; the child is
+        // killed as it is dropped when it has not exited by then.
+        self.nginx
+            .signal_and_wait_blocking("QUIT", Duration::from_secs(5));
     }
 }
 
@@ -115,7 +75,7 @@ async fn stack(
     test: &str,
     tweak: impl FnOnce(TestAppBuilder) -> TestAppBuilder,
 ) -> Option<(TestApp, Edge)> {
-    let Some(bin) = nginx_binary() else {
+    let Some(bin) = nginx::binary() else {
         eprintln!("SKIPPED {test}: nginx is not installed");
         return None;
     };

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use colloquy_chaos::stack::{Stack, StackOptions, env};
+use colloquy_chaos::stack::{Stack, StackOptions};
 use colloquy_core::metrics::missing_from;
 use colloquy_core::wire::ServerFrame;
 use colloquy_testkit::client::{WsClient, fetch_token};
@@ -16,12 +16,12 @@ const T: Duration = Duration::from_secs(30);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_message_is_one_trace_across_three_processes_and_each_exposes_its_metrics() {
     let receiver = OtlpReceiver::start().await.expect("OTLP receiver");
-    let opts = StackOptions {
+    let mut opts = StackOptions {
         name: "telemetry".into(),
         nginx: false,
-        service_env: vec![env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint())],
         ..StackOptions::default()
     };
+    opts.telemetry.otlp_endpoint = Some(receiver.endpoint());
     let stack = Stack::launch(opts).await.expect("stack of real processes");
     let http = reqwest::Client::new();
     let base = stack.http_base();

@@ -23,6 +23,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
+use colloquy_core::config::{Secrets, ToEnv};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -81,15 +82,49 @@ pub struct FakeLlmConfig {
 }
 
 impl Default for FakeLlmConfig {
+    /// The clap defaults: answers at once, 8 tokens, no failures.
     fn default() -> Self {
-        Self {
-            latency_ms: 0,
-            token_rate: 0.0,
-            tokens: 8,
-            rate_limit_ratio: 0.0,
-            retry_after_secs: 1,
-            server_error_ratio: 0.0,
-        }
+        colloquy_core::config::defaults()
+    }
+}
+
+impl ToEnv for FakeLlmConfig {
+    fn flag_values(&self, _: Secrets) -> Vec<(&'static str, Option<String>)> {
+        let Self {
+            latency_ms,
+            token_rate,
+            tokens,
+            rate_limit_ratio,
+            retry_after_secs,
+            server_error_ratio,
+        } = self;
+        vec![
+            ("latency_ms", Some(latency_ms.to_string())),
+            ("token_rate", Some(token_rate.to_string())),
+            ("tokens", Some(tokens.to_string())),
+            ("rate_limit_ratio", Some(rate_limit_ratio.to_string())),
+            ("retry_after_secs", Some(retry_after_secs.to_string())),
+            ("server_error_ratio", Some(server_error_ratio.to_string())),
+        ]
+    }
+}
+
+/// The `fake-llm` binary's flags: where it listens and how it behaves.
+#[derive(Clone, Debug, clap::Args)]
+pub struct FakeLlmProcessConfig {
+    /// Address to listen on.
+    #[arg(long, env = "FAKE_LLM_LISTEN", default_value = "127.0.0.1:8090")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub llm: FakeLlmConfig,
+}
+
+impl ToEnv for FakeLlmProcessConfig {
+    fn flag_values(&self, secrets: Secrets) -> Vec<(&'static str, Option<String>)> {
+        let Self { listen, llm } = self;
+        let mut values = vec![("listen", Some(listen.to_string()))];
+        values.extend(llm.flag_values(secrets));
+        values
     }
 }
 
@@ -768,6 +803,22 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn the_process_config_round_trips_through_its_environment() {
+        colloquy_core::config::assert_round_trip(&FakeLlmProcessConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 4321)),
+            llm: FakeLlmConfig {
+                latency_ms: 1,
+                token_rate: 2.5,
+                tokens: 3,
+                rate_limit_ratio: 0.25,
+                retry_after_secs: 4,
+                server_error_ratio: 0.125,
+            },
+        });
+        assert_eq!(FakeLlmConfig::default().tokens, 8);
+    }
 
     async fn start(cfg: FakeLlmConfig) -> FakeLlm {
         FakeLlm::start(cfg, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))

@@ -6,16 +6,19 @@
 //! `COLLOQUY_TANSU_IMAGE` and `COLLOQUY_REDIS_IMAGE` (defaults name the locally built images;
 //! a user who can pull may point them at `apache/kafka` and `redis`).
 
-use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
+
+use crate::process::{
+    ManagedProcess, ProcessSpec, RedisPersistence, Storage, free_port, redis_args, redis_binary,
+    tansu_args, tansu_binary, wait_port,
+};
 
 /// Which way infrastructure runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,17 +58,21 @@ pub struct InfraOptions {
     pub durable_kafka: bool,
 }
 
+impl InfraOptions {
+    fn storage(self) -> Storage {
+        if self.durable_kafka {
+            Storage::Sqlite
+        } else {
+            Storage::Memory
+        }
+    }
+}
+
 // Two nodes per test: their size does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Node {
     Container(Box<ContainerAsync<GenericImage>>),
-    Process {
-        child: Option<Child>,
-        program: PathBuf,
-        args: Vec<String>,
-        dir: PathBuf,
-        log: PathBuf,
-    },
+    Process(ManagedProcess),
 }
 
 /// A running Kafka-compatible broker and Redis.
@@ -87,29 +94,6 @@ impl std::fmt::Debug for Infra {
             .field("kafka", &self.kafka_bootstrap)
             .field("redis", &self.redis_url)
             .finish()
-    }
-}
-
-/// A free TCP port on 127.0.0.1 (bound, read and released).
-///
-/// # Errors
-/// When no port can be bound.
-pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn tansu_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("COLLOQUY_TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"));
-    let cargo_bin = home.join(".cargo/bin/tansu");
-    if cargo_bin.exists() {
-        cargo_bin
-    } else {
-        PathBuf::from("tansu")
     }
 }
 
@@ -137,45 +121,13 @@ impl Infra {
                 start_redis_container(redis_port).await?,
             ),
             Backend::Processes => {
-                let storage = if opts.durable_kafka {
-                    "sqlite://tansu.db"
-                } else {
-                    "memory://tansu/"
-                };
-                let url = format!("tcp://127.0.0.1:{kafka_port}");
-                let tansu_args = vec![
-                    "broker".into(),
-                    "--listener-url".into(),
-                    url.clone(),
-                    "--advertised-listener-url".into(),
-                    url,
-                    "--storage-engine".into(),
-                    storage.into(),
-                ];
-                let redis_args = vec![
-                    "--port".into(),
-                    redis_port.to_string(),
-                    "--bind".into(),
-                    "127.0.0.1".into(),
-                    "--save".into(),
-                    String::new(),
-                    "--appendonly".into(),
-                    "no".into(),
-                ];
-                let mut kafka = Node::Process {
-                    child: None,
-                    program: tansu_binary(),
-                    args: tansu_args,
-                    dir: dir.path().to_owned(),
-                    log: dir.path().join("tansu.log"),
-                };
-                let mut redis = Node::Process {
-                    child: None,
-                    program: PathBuf::from("redis-server"),
-                    args: redis_args,
-                    dir: dir.path().to_owned(),
-                    log: dir.path().join("redis.log"),
-                };
+                let dir = dir.path();
+                let tansu = ProcessSpec::new(&tansu_binary()?, dir, dir.join("tansu.log"))
+                    .args(tansu_args(kafka_port, opts.storage()));
+                let redis = ProcessSpec::new(&redis_binary()?, dir, dir.join("redis.log"))
+                    .args(redis_args(redis_port, &RedisPersistence::None));
+                let mut kafka = Node::Process(ManagedProcess::new(tansu));
+                let mut redis = Node::Process(ManagedProcess::new(redis));
                 kafka.start().await?;
                 redis.start().await?;
                 (kafka, redis)
@@ -247,34 +199,7 @@ impl Node {
                 c.start().await.context("restart container")?;
                 Ok(())
             }
-            Self::Process {
-                child,
-                program,
-                args,
-                dir,
-                log,
-            } => {
-                let out = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&*log)?;
-                let spawned = Command::new(&*program)
-                    .args(args.iter())
-                    .current_dir(&*dir)
-                    .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-                    .stdout(out.try_clone()?)
-                    .stderr(out)
-                    .kill_on_drop(true)
-                    .spawn()
-                    .with_context(|| {
-                        format!(
-                            "cannot run {} (install it: scripts/install-deps.sh)",
-                            program.display()
-                        )
-                    })?;
-                *child = Some(spawned);
-                Ok(())
-            }
+            Self::Process(p) => p.start(),
         }
     }
 
@@ -290,12 +215,7 @@ impl Node {
                 }
                 Ok(())
             }
-            Self::Process { child, .. } => {
-                if let Some(mut c) = child.take() {
-                    c.kill().await?;
-                }
-                Ok(())
-            }
+            Self::Process(p) => p.kill().await,
         }
     }
 }
@@ -316,7 +236,7 @@ async fn start_tansu_container(
         .with_startup_timeout(Duration::from_secs(60));
     if opts.durable_kafka {
         req = req
-            .with_env_var("STORAGE_ENGINE", "sqlite://tansu.db")
+            .with_env_var("STORAGE_ENGINE", Storage::Sqlite.engine_url())
             .with_mount(testcontainers::core::Mount::bind_mount(
                 dir.display().to_string(),
                 "/data",
@@ -342,22 +262,4 @@ async fn start_redis_container(port: u16) -> anyhow::Result<Node> {
         .await
         .with_context(|| format!("cannot start {image} (build it: infra/images/build.sh)"))?;
     Ok(Node::Container(Box::new(c)))
-}
-
-/// Waits until something accepts connections on 127.0.0.1:`port`.
-///
-/// # Errors
-/// When nothing does within `timeout`.
-pub async fn wait_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}")
 }

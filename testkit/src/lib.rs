@@ -1,6 +1,8 @@
 //! Colloquy's testkit.
 //!
 //! - [`infra`]: Kafka (tansu) and Redis for a test, as containers or local processes;
+//! - [`process`]: child processes (tansu, Redis, the services) with their logs, kill and
+//!   restart, and ports that stay free while one is down;
 //! - [`harness`]: the whole stack in-process on port 0 (`TestApp::spawn()`);
 //! - [`openai_mock`]: a wiremock OpenAI for exact call counting and injected failures;
 //! - [`fake_llm`]: the OpenAI-compatible fake LLM server (also the `fake-llm` binary);
@@ -18,5 +20,6 @@ pub mod infra;
 pub mod load;
 pub mod openai_mock;
 pub mod otlp;
+pub mod process;
 
 pub use harness::{LlmChoice, TestApp};

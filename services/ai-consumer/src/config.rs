@@ -7,6 +7,7 @@ use clap::Args;
 use secrecy::SecretString;
 
 use colloquy_core::backoff::Backoff;
+use colloquy_core::config::{Secrets, ToEnv};
 
 /// The hard ceiling on attempts per LLM call (DESIGN: at most 7).
 pub const MAX_ATTEMPTS_CEILING: u32 = 7;
@@ -113,5 +114,116 @@ impl ConsumerConfig {
     #[must_use]
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs.max(1))
+    }
+}
+
+impl ToEnv for ConsumerConfig {
+    fn flag_values(&self, secrets: Secrets) -> Vec<(&'static str, Option<String>)> {
+        let Self {
+            metrics_listen,
+            group,
+            max_in_flight,
+            max_queued,
+            max_queued_per_user,
+            base_url,
+            api_key,
+            model,
+            system_prompt,
+            stream,
+            request_timeout_secs,
+            backoff_base_ms,
+            backoff_cap_ms,
+            max_attempts,
+            delta_batch_tokens,
+            delta_batch_ms,
+            memory_turns,
+            memory_ttl_secs,
+            lease_secs,
+            done_ttl_secs,
+            shutdown_grace_secs,
+        } = self;
+        vec![
+            ("metrics_listen", Some(metrics_listen.to_string())),
+            ("group", Some(group.clone())),
+            ("max_in_flight", Some(max_in_flight.to_string())),
+            ("max_queued", Some(max_queued.to_string())),
+            ("max_queued_per_user", Some(max_queued_per_user.to_string())),
+            ("base_url", Some(base_url.clone())),
+            ("api_key", api_key.as_ref().and_then(|k| secrets.reveal(k))),
+            ("model", Some(model.clone())),
+            ("system_prompt", Some(system_prompt.clone())),
+            ("stream", Some(stream.to_string())),
+            (
+                "request_timeout_secs",
+                Some(request_timeout_secs.to_string()),
+            ),
+            ("backoff_base_ms", Some(backoff_base_ms.to_string())),
+            ("backoff_cap_ms", Some(backoff_cap_ms.to_string())),
+            ("max_attempts", Some(max_attempts.to_string())),
+            ("delta_batch_tokens", Some(delta_batch_tokens.to_string())),
+            ("delta_batch_ms", Some(delta_batch_ms.to_string())),
+            ("memory_turns", Some(memory_turns.to_string())),
+            ("memory_ttl_secs", Some(memory_ttl_secs.to_string())),
+            ("lease_secs", Some(lease_secs.to_string())),
+            ("done_ttl_secs", Some(done_ttl_secs.to_string())),
+            ("shutdown_grace_secs", Some(shutdown_grace_secs.to_string())),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use colloquy_core::config::{assert_round_trip, render_env};
+
+    #[test]
+    fn local_defaults_come_from_the_flags() {
+        let c = ConsumerConfig::local("http://llm/v1");
+        assert_eq!(c.base_url, "http://llm/v1");
+        assert_eq!(c.metrics_listen.port(), 0);
+        assert_eq!(c.group, "ai-consumer");
+        assert_eq!(c.max_in_flight, 50);
+        assert!(c.stream);
+        assert!(c.api_key.is_none());
+    }
+
+    #[test]
+    fn a_consumer_config_round_trips_through_its_environment() {
+        assert_round_trip(&ConsumerConfig {
+            metrics_listen: "127.0.0.1:4321".parse().unwrap(),
+            group: "g".into(),
+            max_in_flight: 1,
+            max_queued: 2,
+            max_queued_per_user: 3,
+            base_url: "http://llm:1/v1".into(),
+            api_key: Some(SecretString::from("sk-test")),
+            model: "m".into(),
+            system_prompt: "Be brief, and exact.".into(),
+            stream: false,
+            request_timeout_secs: 4,
+            backoff_base_ms: 5,
+            backoff_cap_ms: 6,
+            max_attempts: 3,
+            delta_batch_tokens: 7,
+            delta_batch_ms: 8,
+            memory_turns: 9,
+            memory_ttl_secs: 10,
+            lease_secs: 11,
+            done_ttl_secs: 12,
+            shutdown_grace_secs: 13,
+        });
+    }
+
+    #[test]
+    fn the_api_key_is_rendered_only_when_asked() {
+        let mut c = ConsumerConfig::local("http://llm/v1");
+        c.api_key = Some(SecretString::from("sk-test"));
+        let omitted = render_env(&c, Secrets::Omit);
+        assert!(
+            !omitted.iter().any(|(k, _)| k == "OPENAI_API_KEY"),
+            "{omitted:?}"
+        );
+        let included = render_env(&c, Secrets::Include);
+        assert!(included.contains(&("OPENAI_API_KEY".into(), "sk-test".into())));
     }
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
+use colloquy_core::config::{Secrets, ToEnv, list_value};
 use secrecy::{ExposeSecret, SecretString};
 
 /// Everything the gateway itself needs (Kafka, Redis and telemetry come from `colloquy-core`).
@@ -111,30 +112,14 @@ pub enum ConfigError {
 }
 
 impl GatewayConfig {
-    /// Defaults for a test or local run on `listen`.
+    /// The defaults (one place: the clap attributes above) in dev mode on `listen`, for a
+    /// test or local run.
     #[must_use]
     pub fn local(listen: SocketAddr) -> Self {
         Self {
             listen,
-            instance_id: "gateway".into(),
             dev: true,
-            auth_secret: SecretString::from(BUILT_IN_SECRET),
-            admin_token: None,
-            token_ttl_secs: 86_400,
-            rate_limit_messages: 10,
-            rate_limit_period_secs: 60,
-            max_frame_bytes: 65_536,
-            max_content_bytes: 16_384,
-            max_connections_per_user: 8,
-            max_in_flight_per_connection: 64,
-            shutdown_grace_secs: 10,
-            replay_limit: 1_000,
-            max_concurrent_replays: 32,
-            resume_burst: 5,
-            resume_refill_ms: 1_000,
-            ping_interval_secs: 20,
-            idle_timeout_secs: 50,
-            allowed_origins: Vec::new(),
+            ..colloquy_core::config::defaults()
         }
     }
 
@@ -167,6 +152,73 @@ impl GatewayConfig {
     #[must_use]
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+impl ToEnv for GatewayConfig {
+    fn flag_values(&self, secrets: Secrets) -> Vec<(&'static str, Option<String>)> {
+        let Self {
+            listen,
+            instance_id,
+            dev,
+            auth_secret,
+            admin_token,
+            token_ttl_secs,
+            rate_limit_messages,
+            rate_limit_period_secs,
+            max_frame_bytes,
+            max_content_bytes,
+            max_connections_per_user,
+            max_in_flight_per_connection,
+            shutdown_grace_secs,
+            replay_limit,
+            max_concurrent_replays,
+            resume_burst,
+            resume_refill_ms,
+            ping_interval_secs,
+            idle_timeout_secs,
+            allowed_origins,
+        } = self;
+        vec![
+            ("listen", Some(listen.to_string())),
+            ("instance_id", Some(instance_id.clone())),
+            ("dev", Some(dev.to_string())),
+            ("auth_secret", secrets.reveal(auth_secret)),
+            (
+                "admin_token",
+                admin_token.as_ref().and_then(|t| secrets.reveal(t)),
+            ),
+            ("token_ttl_secs", Some(token_ttl_secs.to_string())),
+            ("rate_limit_messages", Some(rate_limit_messages.to_string())),
+            (
+                "rate_limit_period_secs",
+                Some(rate_limit_period_secs.to_string()),
+            ),
+            ("max_frame_bytes", Some(max_frame_bytes.to_string())),
+            ("max_content_bytes", Some(max_content_bytes.to_string())),
+            (
+                "max_connections_per_user",
+                Some(max_connections_per_user.to_string()),
+            ),
+            (
+                "max_in_flight_per_connection",
+                Some(max_in_flight_per_connection.to_string()),
+            ),
+            ("shutdown_grace_secs", Some(shutdown_grace_secs.to_string())),
+            ("replay_limit", Some(replay_limit.to_string())),
+            (
+                "max_concurrent_replays",
+                Some(max_concurrent_replays.to_string()),
+            ),
+            ("resume_burst", Some(resume_burst.to_string())),
+            ("resume_refill_ms", Some(resume_refill_ms.to_string())),
+            ("ping_interval_secs", Some(ping_interval_secs.to_string())),
+            ("idle_timeout_secs", Some(idle_timeout_secs.to_string())),
+            (
+                "allowed_origins",
+                (!allowed_origins.is_empty()).then(|| list_value(allowed_origins)),
+            ),
+        ]
     }
 }
 
@@ -224,5 +276,59 @@ mod tests {
             cfg.allowed_origins,
             ["https://a.example", "https://b.example"]
         );
+    }
+
+    #[test]
+    fn local_defaults_come_from_the_flags() {
+        let c = GatewayConfig::local("127.0.0.1:0".parse().unwrap());
+        assert!(c.dev);
+        assert_eq!(c.instance_id, "gateway");
+        assert_eq!(c.rate_limit_messages, 10);
+        assert_eq!(c.max_frame_bytes, 65_536);
+        assert_eq!(c.auth_secret.expose_secret(), BUILT_IN_SECRET);
+        assert!(c.admin_token.is_none());
+    }
+
+    #[test]
+    fn a_gateway_config_round_trips_through_its_environment() {
+        colloquy_core::config::assert_round_trip(&GatewayConfig {
+            listen: "127.0.0.1:4321".parse().unwrap(),
+            instance_id: "gw9".into(),
+            dev: true,
+            auth_secret: SecretString::from(GOOD_SECRET),
+            admin_token: Some(SecretString::from("adm")),
+            token_ttl_secs: 1,
+            rate_limit_messages: 2,
+            rate_limit_period_secs: 3,
+            max_frame_bytes: 4,
+            max_content_bytes: 5,
+            max_connections_per_user: 6,
+            max_in_flight_per_connection: 7,
+            shutdown_grace_secs: 8,
+            replay_limit: 9,
+            max_concurrent_replays: 10,
+            resume_burst: 11,
+            resume_refill_ms: 12,
+            ping_interval_secs: 13,
+            idle_timeout_secs: 14,
+            allowed_origins: vec!["https://a.example".into(), "https://b.example".into()],
+        });
+    }
+
+    #[test]
+    fn secrets_are_rendered_only_when_asked() {
+        let mut cfg = parse(&["--auth-secret", GOOD_SECRET, "--admin-token", "adm"]);
+        cfg.dev = false;
+        let omitted = colloquy_core::config::render_env(&cfg, Secrets::Omit);
+        assert!(
+            !omitted.iter().any(|(k, v)| k.starts_with("AUTH_SECRET")
+                || k == "AUTH_ADMIN_TOKEN"
+                || v == GOOD_SECRET),
+            "{omitted:?}"
+        );
+        assert!(omitted.contains(&("COLLOQUY_DEV".into(), "false".into())));
+        let included = colloquy_core::config::render_env(&cfg, Secrets::Include);
+        assert!(included.contains(&("AUTH_SECRET".into(), GOOD_SECRET.into())));
+        assert!(included.contains(&("AUTH_ADMIN_TOKEN".into(), "adm".into())));
     }
 }

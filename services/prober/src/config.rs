@@ -41,18 +41,14 @@ pub struct ProberConfig {
 }
 
 impl ProberConfig {
-    /// Defaults for a test or local run against `edge_url`, metrics on any port.
+    /// The defaults (one place: the clap attributes above) against `edge_url`, metrics on any
+    /// port, for a test or local run.
     #[must_use]
     pub fn local(edge_url: impl Into<String>) -> Self {
         Self {
             edge_url: edge_url.into(),
-            userid: "colloquy-prober".into(),
-            admin_token: None,
-            interval_secs: 15,
-            ack_timeout_ms: 5_000,
-            answer_timeout_ms: 30_000,
-            message: "synthetic probe: please answer briefly".into(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..colloquy_core::config::defaults()
         }
     }
 
@@ -105,5 +101,15 @@ mod tests {
             ProberConfig::local("https://chat.example").ws_base(),
             "wss://chat.example"
         );
+    }
+
+    #[test]
+    fn local_defaults_come_from_the_flags() {
+        let c = ProberConfig::local("http://edge");
+        assert_eq!(c.userid, "colloquy-prober");
+        assert_eq!(c.interval_secs, 15);
+        assert_eq!(c.answer_timeout_ms, 30_000);
+        assert_eq!(c.metrics_listen.port(), 0);
+        assert!(c.admin_token.is_none());
     }
 }

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use clap::Args;
+use colloquy_core::config::{Secrets, ToEnv};
 
 /// Everything the relay itself needs.
 #[derive(Clone, Debug, Args)]
@@ -45,6 +46,31 @@ impl RelayConfig {
     }
 }
 
+impl ToEnv for RelayConfig {
+    fn flag_values(&self, _: Secrets) -> Vec<(&'static str, Option<String>)> {
+        let Self {
+            metrics_listen,
+            group,
+            batch_max,
+            inbox_maxlen,
+            inbox_ttl_secs,
+            delivered_ttl_secs,
+            audit_interval_secs,
+            shutdown_grace_secs,
+        } = self;
+        vec![
+            ("metrics_listen", Some(metrics_listen.to_string())),
+            ("group", Some(group.clone())),
+            ("batch_max", Some(batch_max.to_string())),
+            ("inbox_maxlen", Some(inbox_maxlen.to_string())),
+            ("inbox_ttl_secs", Some(inbox_ttl_secs.to_string())),
+            ("delivered_ttl_secs", Some(delivered_ttl_secs.to_string())),
+            ("audit_interval_secs", Some(audit_interval_secs.to_string())),
+            ("shutdown_grace_secs", Some(shutdown_grace_secs.to_string())),
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -53,5 +79,19 @@ mod tests {
         assert_eq!(c.group, "relay");
         assert_eq!(c.batch_max, 512);
         assert_eq!(c.metrics_listen.port(), 0);
+    }
+
+    #[test]
+    fn a_relay_config_round_trips_through_its_environment() {
+        colloquy_core::config::assert_round_trip(&super::RelayConfig {
+            metrics_listen: "127.0.0.1:4321".parse().unwrap(),
+            group: "g".into(),
+            batch_max: 1,
+            inbox_maxlen: 2,
+            inbox_ttl_secs: 3,
+            delivered_ttl_secs: 4,
+            audit_interval_secs: 6,
+            shutdown_grace_secs: 7,
+        });
     }
 }

@@ -2,13 +2,12 @@
 //!
 //! The local stack points `OPENAI_BASE_URL` at it when no API key is set, and chaos and load
 //! runs start it with injected latency, token pacing, 429s and 5xx (see
-//! [`colloquy_testkit::fake_llm::FakeLlmConfig`] for the flags and their environment variables).
-
-use std::net::SocketAddr;
+//! [`colloquy_testkit::fake_llm::FakeLlmProcessConfig`] for the flags and their environment
+//! variables).
 
 use anyhow::Context as _;
 use clap::Parser;
-use colloquy_testkit::fake_llm::{FakeLlm, FakeLlmConfig};
+use colloquy_testkit::fake_llm::{FakeLlm, FakeLlmProcessConfig};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -18,28 +17,25 @@ use tracing_subscriber::EnvFilter;
     about = "OpenAI-compatible fake chat completions server"
 )]
 struct Cli {
-    /// Address to listen on.
-    #[arg(long, env = "FAKE_LLM_LISTEN", default_value = "127.0.0.1:8090")]
-    listen: SocketAddr,
     #[command(flatten)]
-    llm: FakeLlmConfig,
+    process: FakeLlmProcessConfig,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let FakeLlmProcessConfig { listen, llm } = Cli::parse().process;
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
 
-    let llm = FakeLlm::start(cli.llm.clone(), cli.listen)
+    let server = FakeLlm::start(llm.clone(), listen)
         .await
         .context("cannot start the fake LLM")?;
-    tracing::info!(url = %llm.base_url(), config = ?cli.llm, "fake LLM listening");
+    tracing::info!(url = %server.base_url(), config = ?llm, "fake LLM listening");
 
     colloquy_core::shutdown::on_signal().cancelled().await;
-    llm.stop().await;
+    server.stop().await;
     Ok(())
 }

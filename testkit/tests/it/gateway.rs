@@ -870,20 +870,16 @@ struct LoadingRedis {
 impl LoadingRedis {
     fn start() -> anyhow::Result<Self> {
         use anyhow::Context;
+        use colloquy_testkit::process::{RedisPersistence, free_port, redis_args, redis_binary};
         use std::process::{Command, Stdio};
         let dir = tempfile::tempdir()?;
-        let port = colloquy_testkit::infra::free_port()?;
+        let port = free_port()?;
+        let program = redis_binary()?;
+        // No append-only file, but a dump written by SAVE and read at start.
         let redis = |extra: &[&str]| {
-            Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                ])
-                .args(["--appendonly", "no", "--dbfilename", "dump.rdb"])
+            Command::new(&program)
+                .args(redis_args(port, &RedisPersistence::None))
+                .args(["--dbfilename", "dump.rdb"])
                 .arg("--dir")
                 .arg(dir.path())
                 .args(extra)
