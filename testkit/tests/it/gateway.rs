@@ -776,10 +776,10 @@ async fn replays_queued(app: &TestApp) -> f64 {
         .get(format!("{}/metrics", app.http_base(0)))
         .send()
         .await
-        .unwrap()
+        .expect("GET /metrics")
         .text()
         .await
-        .unwrap();
+        .expect("the exposition");
     metric_sum(&text, colloquy_core::metrics::REPLAYS_QUEUED)
 }
 
