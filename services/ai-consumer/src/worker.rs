@@ -508,7 +508,7 @@ impl Worker {
             &headers,
             self.produce_timeout,
             &self.shutdown,
-            ("ai-consumer", "produce"),
+            ("ai-consumer", colloquy_core::labels::KafkaOp::Produce),
         )
         .instrument(span.clone())
         .await;
