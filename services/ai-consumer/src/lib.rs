@@ -9,6 +9,7 @@
 
 pub mod claim;
 pub mod config;
+pub mod events;
 pub mod lanes;
 pub mod llm;
 pub mod memory;
@@ -29,15 +30,17 @@ use tokio_util::task::TaskTracker;
 
 use colloquy_core::config::{KafkaConfig, RedisConfig};
 use colloquy_core::dead_letter::DeadLetters;
+use colloquy_core::events::ConsumeFailed;
 use colloquy_core::kafka::{Membership, ObservedContext};
 use colloquy_core::names::Names;
 use colloquy_core::offset_gaps::GapDetector;
 use colloquy_core::records::{IncomingRecord, headers};
 use colloquy_core::retry::RetryError;
-use colloquy_core::{kafka, metrics as m, now_ms};
+use colloquy_core::{kafka, now_ms};
 
 use crate::claim::Claims;
 use crate::config::ConsumerConfig;
+use crate::events::{AnswerPanicked, InFlight, RecordUnreadable};
 use crate::lanes::{Lanes, Pushed, Step, run_lane};
 use crate::llm::LlmClient;
 use crate::memory::Memory;
@@ -88,12 +91,12 @@ impl Application {
             redis,
             names,
         } = settings;
-        colloquy_core::metrics::record_build_info("ai-consumer");
+        colloquy_core::metrics::record_build_info(events::SERVICE);
         if let Err(e) = kafka::ensure_topics(&kcfg, &names.all_topics()).await {
             tracing::warn!(error = %e, "could not ensure topics at start");
         }
         let incoming_topic = names.incoming_topic();
-        let producer = kafka::producer(&kcfg, "ai-consumer").context("Kafka producer")?;
+        let producer = kafka::producer(&kcfg, events::SERVICE).context("Kafka producer")?;
         let required = [
             incoming_topic.clone(),
             names.responses_topic(),
@@ -107,7 +110,7 @@ impl Application {
         )
         .await
         .context("refusing to start")?;
-        let consumer = kafka::consumer(&kcfg, "ai-consumer", &cfg.group, &[&incoming_topic])
+        let consumer = kafka::consumer(&kcfg, events::SERVICE, &cfg.group, &[&incoming_topic])
             .await
             .context("Kafka consumer")?;
         let membership = consumer.context().membership();
@@ -157,7 +160,7 @@ impl Application {
             dead_letters: DeadLetters::new(
                 producer.clone(),
                 names.incoming_dlq_topic(),
-                "ai-consumer",
+                events::SERVICE,
                 kcfg.produce_timeout(),
             ),
             names: names.clone(),
@@ -238,7 +241,7 @@ impl Application {
                 () = progress.notified(), if paused => continue,
                 _ = stall_check.tick(), if !paused => {
                     kafka::heal_stalled(
-                        "ai-consumer",
+                        events::SERVICE,
                         &*self.consumer,
                         &mut gaps,
                         &self.incoming_topic,
@@ -251,8 +254,11 @@ impl Application {
             let msg = match msg {
                 Ok(m) => m,
                 Err(e) => {
-                    metrics::counter!(m::KAFKA_ERRORS, "service" => "ai-consumer", "op" => "consume").increment(1);
-                    tracing::warn!(error = %e, "consume error");
+                    ConsumeFailed {
+                        service: events::SERVICE,
+                        error: &e,
+                    }
+                    .emit();
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -281,6 +287,12 @@ impl Application {
                         Some(Ok(r)) => format!("unsupported schema version {}", r.v),
                         Some(Err(e)) => format!("unreadable record: {e}"),
                     };
+                    RecordUnreadable {
+                        partition,
+                        offset,
+                        reason: &reason,
+                    }
+                    .emit();
                     let written = self
                         .worker
                         .dead_letters
@@ -292,7 +304,6 @@ impl Application {
                             &shutdown,
                         )
                         .await;
-                    metrics::counter!(m::MESSAGES, "service" => "ai-consumer", "outcome" => "dead_lettered").increment(1);
                     match written {
                         Ok(()) => self.finish(&tracker, partition, offset),
                         // The record stays the only copy: its offset is never stored, so the
@@ -347,19 +358,29 @@ impl Application {
                     |job| {
                         let worker = Arc::clone(&worker);
                         async move {
-                            metrics::gauge!(m::LLM_IN_FLIGHT).increment(1.0);
+                            InFlight::Entered.emit();
                             let handled = worker.handle(&job).await;
-                            metrics::gauge!(m::LLM_IN_FLIGHT).decrement(1.0);
+                            InFlight::Left.emit();
                             step(handled)
                         }
                     },
                     |job, panic| {
                         let worker = Arc::clone(&recovery);
                         async move {
-                            metrics::gauge!(m::LLM_IN_FLIGHT).decrement(1.0);
-                            metrics::counter!(m::MESSAGES, "service" => "ai-consumer", "outcome" => "panicked").increment(1);
-                            tracing::error!(userid = %job.record.userid, msg_id = %job.record.msg_id, %panic, "answering a message panicked; the user is told it failed");
-                            step(worker.fail(&job, "internal error while answering; send it again").await)
+                            InFlight::Left.emit();
+                            AnswerPanicked {
+                                userid: job.record.userid.as_str(),
+                                msg_id: &job.record.msg_id,
+                                partition: job.partition,
+                                offset: job.offset,
+                                panic: &panic,
+                            }
+                            .emit();
+                            step(
+                                worker
+                                    .fail(&job, "internal error while answering; send it again")
+                                    .await,
+                            )
                         }
                     },
                     |job| {

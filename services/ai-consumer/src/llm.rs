@@ -19,7 +19,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use colloquy_core::backoff::{Backoff, MAX_HINT};
-use colloquy_core::metrics as m;
+use colloquy_core::labels::{LlmErrorClass, LlmStatus, RetryReason};
+
+use crate::events::{LlmAnswered, LlmAttempted, LlmRefused, LlmRetrying, TokensUsed};
 
 /// One turn of the conversation, as kept in memory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +55,7 @@ pub enum LlmError {
     /// Not worth retrying (400/401/403/404, `insufficient_quota`, unreadable answer).
     #[error("LLM refused the request ({class}): {message}")]
     Fatal {
-        class: &'static str,
+        class: LlmErrorClass,
         message: String,
     },
     /// Every attempt failed with a retryable error.
@@ -64,10 +66,10 @@ pub enum LlmError {
 impl LlmError {
     /// The `class` label of `colloquy_llm_errors_total`.
     #[must_use]
-    pub fn class(&self) -> &'static str {
+    pub fn class(&self) -> LlmErrorClass {
         match self {
-            Self::Fatal { class, .. } => class,
-            Self::Exhausted { .. } => "exhausted",
+            Self::Fatal { class, .. } => *class,
+            Self::Exhausted { .. } => LlmErrorClass::Exhausted,
         }
     }
 }
@@ -77,12 +79,12 @@ impl LlmError {
 enum Attempt {
     Done(Answer),
     Retry {
-        reason: &'static str,
+        reason: RetryReason,
         retry_after: Option<Duration>,
         detail: String,
     },
     Fatal {
-        class: &'static str,
+        class: LlmErrorClass,
         message: String,
     },
 }
@@ -188,9 +190,12 @@ impl LlmClient {
                 match tokio::time::timeout(self.timeout, self.attempt(&body, deltas)).await {
                     Ok(o) => o,
                     Err(_) => {
-                        metrics::counter!(m::LLM_REQUESTS, "status" => "timeout").increment(1);
+                        LlmAttempted {
+                            status: LlmStatus::Timeout,
+                        }
+                        .emit();
                         Attempt::Retry {
-                            reason: "timeout",
+                            reason: RetryReason::Timeout,
                             retry_after: None,
                             detail: format!("no answer within {:?}", self.timeout),
                         }
@@ -198,13 +203,21 @@ impl LlmClient {
                 };
             match outcome {
                 Attempt::Done(mut answer) => {
-                    metrics::histogram!(m::STAGE_LATENCY, "stage" => "llm")
-                        .record(started.elapsed().as_secs_f64());
+                    LlmAnswered {
+                        attempts,
+                        latency: started.elapsed(),
+                    }
+                    .emit();
                     answer.attempts = attempts;
                     return Ok(answer);
                 }
                 Attempt::Fatal { class, message } => {
-                    tracing::warn!(attempt = attempts, class, %message, "LLM call failed for good");
+                    LlmRefused {
+                        attempt: attempts,
+                        class,
+                        message: &message,
+                    }
+                    .emit();
                     return Err(LlmError::Fatal { class, message });
                 }
                 Attempt::Retry {
@@ -219,8 +232,13 @@ impl LlmClient {
                             last: detail,
                         });
                     };
-                    metrics::counter!(m::LLM_RETRIES, "reason" => reason).increment(1);
-                    tracing::info!(attempt = attempts, reason, %detail, delay_ms = delay.as_millis() as u64, "LLM call will be retried");
+                    LlmRetrying {
+                        attempt: attempts,
+                        reason,
+                        detail: &detail,
+                        delay,
+                    }
+                    .emit();
                     deltas.restart();
                     tokio::time::sleep(delay).await;
                 }
@@ -240,16 +258,22 @@ impl LlmClient {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
-                metrics::counter!(m::LLM_REQUESTS, "status" => "transport").increment(1);
+                LlmAttempted {
+                    status: LlmStatus::Transport,
+                }
+                .emit();
                 return Attempt::Retry {
-                    reason: "transport",
+                    reason: RetryReason::Transport,
                     retry_after: None,
                     detail: e.to_string(),
                 };
             }
         };
         let status = resp.status();
-        metrics::counter!(m::LLM_REQUESTS, "status" => status_class(status)).increment(1);
+        LlmAttempted {
+            status: LlmStatus::of(status.as_u16()),
+        }
+        .emit();
         if !status.is_success() {
             let retry_after = retry_after(resp.headers(), SystemTime::now());
             let text = resp.text().await.unwrap_or_default();
@@ -278,7 +302,7 @@ impl LlmClient {
                     })
                 }
                 Err(e) => Attempt::Retry {
-                    reason: "bad_body",
+                    reason: RetryReason::BadBody,
                     retry_after: None,
                     detail: e.to_string(),
                 },
@@ -288,8 +312,7 @@ impl LlmClient {
 }
 
 fn record_tokens(prompt: u32, completion: u32) {
-    metrics::counter!(m::LLM_TOKENS, "kind" => "prompt").increment(u64::from(prompt));
-    metrics::counter!(m::LLM_TOKENS, "kind" => "completion").increment(u64::from(completion));
+    TokensUsed { prompt, completion }.emit();
 }
 
 /// The minimal chunk shape, for OpenAI-compatible servers whose chunks omit fields async-openai requires.
@@ -351,7 +374,7 @@ async fn read_stream(resp: reqwest::Response, deltas: &mut dyn DeltaSink) -> Att
             let line: Vec<u8> = buf.drain(..=pos).collect();
             let Ok(line) = std::str::from_utf8(&line) else {
                 return Attempt::Retry {
-                    reason: "bad_body",
+                    reason: RetryReason::BadBody,
                     retry_after: None,
                     detail: "stream is not UTF-8".into(),
                 };
@@ -386,7 +409,7 @@ async fn read_stream(resp: reqwest::Response, deltas: &mut dyn DeltaSink) -> Att
                         && err.get("error").is_some()
                     {
                         return Attempt::Retry {
-                            reason: "stream_error",
+                            reason: RetryReason::StreamError,
                             retry_after: None,
                             detail: data.chars().take(200).collect(),
                         };
@@ -398,29 +421,19 @@ async fn read_stream(resp: reqwest::Response, deltas: &mut dyn DeltaSink) -> Att
             Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
             Some(Err(e)) => {
                 return Attempt::Retry {
-                    reason: "stream",
+                    reason: RetryReason::Stream,
                     retry_after: None,
                     detail: e.to_string(),
                 };
             }
             None => {
                 return Attempt::Retry {
-                    reason: "stream",
+                    reason: RetryReason::Stream,
                     retry_after: None,
                     detail: "stream ended before [DONE]".into(),
                 };
             }
         }
-    }
-}
-
-fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        200..=299 => "2xx",
-        429 => "429",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
-        _ => "other",
     }
 }
 
@@ -432,33 +445,33 @@ fn classify_failure(status: StatusCode, retry_after: Option<Duration>, body: &st
     );
     match status.as_u16() {
         429 if body.contains("insufficient_quota") => Attempt::Fatal {
-            class: "insufficient_quota",
+            class: LlmErrorClass::InsufficientQuota,
             message: detail,
         },
         429 => Attempt::Retry {
-            reason: "429",
+            reason: RetryReason::TooManyRequests,
             retry_after,
             detail,
         },
         408 | 409 => Attempt::Retry {
-            reason: "4xx_retryable",
+            reason: RetryReason::RetryableClientError,
             retry_after,
             detail,
         },
         400 => Attempt::Fatal {
-            class: "bad_request",
+            class: LlmErrorClass::BadRequest,
             message: detail,
         },
         401 | 403 => Attempt::Fatal {
-            class: "auth",
+            class: LlmErrorClass::Auth,
             message: detail,
         },
         code if (400..500).contains(&code) => Attempt::Fatal {
-            class: "client_error",
+            class: LlmErrorClass::ClientError,
             message: detail,
         },
         _ => Attempt::Retry {
-            reason: "5xx",
+            reason: RetryReason::ServerError,
             retry_after,
             detail,
         },
@@ -538,7 +551,10 @@ mod tests {
     fn failures_are_classified() {
         assert!(matches!(
             classify_failure(StatusCode::TOO_MANY_REQUESTS, None, "{}"),
-            Attempt::Retry { reason: "429", .. }
+            Attempt::Retry {
+                reason: RetryReason::TooManyRequests,
+                ..
+            }
         ));
         assert!(matches!(
             classify_failure(
@@ -547,24 +563,30 @@ mod tests {
                 r#"{"error":{"code":"insufficient_quota"}}"#
             ),
             Attempt::Fatal {
-                class: "insufficient_quota",
+                class: LlmErrorClass::InsufficientQuota,
                 ..
             }
         ));
         assert!(matches!(
             classify_failure(StatusCode::BAD_REQUEST, None, ""),
             Attempt::Fatal {
-                class: "bad_request",
+                class: LlmErrorClass::BadRequest,
                 ..
             }
         ));
         assert!(matches!(
             classify_failure(StatusCode::UNAUTHORIZED, None, ""),
-            Attempt::Fatal { class: "auth", .. }
+            Attempt::Fatal {
+                class: LlmErrorClass::Auth,
+                ..
+            }
         ));
         assert!(matches!(
             classify_failure(StatusCode::SERVICE_UNAVAILABLE, None, ""),
-            Attempt::Retry { reason: "5xx", .. }
+            Attempt::Retry {
+                reason: RetryReason::ServerError,
+                ..
+            }
         ));
     }
 

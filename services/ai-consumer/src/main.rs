@@ -27,7 +27,8 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry =
-        colloquy_core::telemetry::init("ai-consumer", &cli.telemetry).context("telemetry")?;
+        colloquy_core::telemetry::init(colloquy_ai_consumer::events::SERVICE, &cli.telemetry)
+            .context("telemetry")?;
     let shutdown = colloquy_core::shutdown::on_signal();
     let app = Application::build(Settings {
         consumer: cli.consumer,

@@ -17,16 +17,21 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use colloquy_core::dead_letter::DeadLetters;
+use colloquy_core::labels::{KafkaOp, RedisOp};
 use colloquy_core::names::Names;
 use colloquy_core::records::{
     Delivery, IncomingRecord, ResponseBody, ResponseRecord, SCHEMA_VERSION,
 };
-use colloquy_core::retry::{Class, RetryError, RetryPolicy, redis_class, retry};
+use colloquy_core::retry::{RetryError, RetryPolicy, redis_class, retry};
 use colloquy_core::semconv::{self, Consumed};
 use colloquy_core::trace_context::{continue_from, traceparent_of};
-use colloquy_core::{kafka, metrics as m, now_ms};
+use colloquy_core::{kafka, now_ms};
 
 use crate::claim::{Claim, Claims, Outcome};
+use crate::events::{
+    self, AnswerFailed, DeltaDropped, DuplicateSkipped, LeaseRenewFailed, MemoryFailed,
+    MessageDequeued, MessageHandled, RedisFailed,
+};
 use crate::llm::{DeltaSink, LlmClient, LlmError, NoDeltas, Role, Turn};
 use crate::memory::Memory;
 
@@ -40,7 +45,7 @@ pub struct Job {
     pub enqueued_at_ms: i64,
 }
 
-/// How a job ended.
+/// How a job ended (its `outcome` label: `events::MessageHandled`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Handled {
     Answered,
@@ -54,21 +59,6 @@ pub enum Handled {
     Undeliverable,
     /// Shutdown interrupted it; its offset must not be stored.
     Abandoned,
-}
-
-impl Handled {
-    /// The `outcome` label of `colloquy_messages_total`.
-    #[must_use]
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Answered => "answered",
-            Self::Failed => "llm_failed",
-            Self::Duplicate => "duplicate",
-            Self::Repeated => "repeated",
-            Self::Undeliverable => "undeliverable",
-            Self::Abandoned => "abandoned",
-        }
-    }
 }
 
 /// KEYS: delivered marker, inbox. Returns the stored delivery JSON of that send, `pending`
@@ -140,11 +130,22 @@ impl Worker {
         };
         let span = semconv::process_span(&from, &r.userid, &r.msg_id);
         continue_from(&span, job.traceparent.as_deref());
-        metrics::histogram!(m::STAGE_LATENCY, "stage" => "queue_wait")
-            .record((now_ms() - job.enqueued_at_ms).max(0) as f64 / 1000.0);
-        let outcome = self.answer(job).instrument(span).await;
-        metrics::counter!(m::MESSAGES, "service" => "ai-consumer", "outcome" => outcome.label())
-            .increment(1);
+        let waited = u64::try_from(now_ms() - job.enqueued_at_ms).unwrap_or(0);
+        span.in_scope(|| {
+            MessageDequeued {
+                waited: Duration::from_millis(waited),
+            }
+            .emit();
+        });
+        let outcome = self.answer(job).instrument(span.clone()).await;
+        span.in_scope(|| {
+            MessageHandled {
+                userid: r.userid.as_str(),
+                msg_id: &r.msg_id,
+                handled: outcome,
+            }
+            .emit();
+        });
         outcome
     }
 
@@ -164,7 +165,7 @@ impl Worker {
         };
         let r = &job.record;
         let _ = self
-            .redis_retrying("complete", || {
+            .redis_retrying(RedisOp::Complete, || {
                 self.claims
                     .complete(&r.userid, &r.msg_id, r.received_at_ms, Outcome::Failed)
             })
@@ -179,7 +180,7 @@ impl Worker {
         let claimed = async {
             loop {
                 let claim = self
-                    .redis_retrying("claim", || {
+                    .redis_retrying(RedisOp::Claim, || {
                         self.claims.claim(&r.userid, &r.msg_id, r.received_at_ms)
                     })
                     .await;
@@ -193,8 +194,11 @@ impl Worker {
                     }
                     Ok(Claim::Acquired) => return Ok(()),
                     Ok(Claim::AlreadyDone) => {
-                        metrics::counter!(m::DUPLICATES, "service" => "ai-consumer").increment(1);
-                        tracing::debug!("message already handled; redelivery skipped");
+                        DuplicateSkipped {
+                            userid: r.userid.as_str(),
+                            msg_id: &r.msg_id,
+                        }
+                        .emit();
                         return Err(Handled::Duplicate);
                     }
                     Ok(Claim::AnsweredBefore) => return Err(self.repeat(job).await),
@@ -218,10 +222,12 @@ impl Worker {
         }];
         match history {
             Ok(history) => turns.extend(history),
-            Err(e) => {
-                metrics::counter!(m::REDIS_ERRORS, "service" => "ai-consumer", "op" => "memory_read").increment(1);
-                tracing::warn!(error = %e, "memory unavailable; answering without it");
+            Err(e) => MemoryFailed {
+                op: RedisOp::MemoryRead,
+                userid: r.userid.as_str(),
+                error: &e,
             }
+            .emit(),
         }
         turns.push(Turn {
             role: Role::User,
@@ -261,8 +267,12 @@ impl Worker {
                 (body, Outcome::Answered, Some(a.content))
             }
             Err(e) => {
-                metrics::counter!(m::LLM_ERRORS, "class" => e.class()).increment(1);
-                tracing::warn!(error = %e, "answer failed; user gets llm_failed, record goes to the DLQ");
+                AnswerFailed {
+                    userid: r.userid.as_str(),
+                    msg_id: &r.msg_id,
+                    error: &e,
+                }
+                .emit();
                 if let Err(RetryError::Cancelled) = self.dead_letter(job, &e.to_string()).await {
                     self.release(job).await;
                     return Handled::Abandoned;
@@ -302,7 +312,7 @@ impl Worker {
             }
         };
         // 5. Done: a redelivery from now on is skipped. Memory is written alongside.
-        let complete = self.redis_retrying("complete", || {
+        let complete = self.redis_retrying(RedisOp::Complete, || {
             self.claims
                 .complete(&r.userid, &r.msg_id, r.received_at_ms, outcome)
         });
@@ -310,8 +320,12 @@ impl Worker {
             if let Some(answer) = &answer
                 && let Err(e) = self.memory.append(&r.userid, &r.content, answer).await
             {
-                metrics::counter!(m::REDIS_ERRORS, "service" => "ai-consumer", "op" => "memory_write").increment(1);
-                tracing::warn!(error = %e, "memory not updated");
+                MemoryFailed {
+                    op: RedisOp::MemoryWrite,
+                    userid: r.userid.as_str(),
+                    error: &e,
+                }
+                .emit();
             }
         };
         let (completed, ()) = tokio::join!(complete, remember);
@@ -340,7 +354,7 @@ impl Worker {
         let deadline = tokio::time::Instant::now() + STORED_ANSWER_WAIT;
         let stored = loop {
             let stored = self
-                .redis_retrying("stored_answer", || self.stored_answer(r))
+                .redis_retrying(RedisOp::StoredAnswer, || self.stored_answer(r))
                 .await;
             match stored {
                 Ok(Stored::Pending) if tokio::time::Instant::now() < deadline => {
@@ -419,11 +433,12 @@ impl Worker {
             match self.claims.renew(&r.userid, &r.msg_id).await {
                 Ok(true) => {}
                 Ok(false) => tracing::warn!("lease lost while answering (taken over after expiry)"),
-                Err(e) => {
-                    metrics::counter!(m::REDIS_ERRORS, "service" => "ai-consumer", "op" => "renew")
-                        .increment(1);
-                    tracing::warn!(error = %e, "lease renewal failed");
+                Err(e) => LeaseRenewFailed {
+                    userid: r.userid.as_str(),
+                    msg_id: &r.msg_id,
+                    error: &e,
                 }
+                .emit(),
             }
         }
     }
@@ -460,7 +475,7 @@ impl Worker {
     /// Runs a Redis operation with the shared retry policy, counting every failure.
     async fn redis_retrying<T, F, Fut>(
         &self,
-        op: &'static str,
+        op: RedisOp,
         f: F,
     ) -> Result<T, RetryError<fred::error::Error>>
     where
@@ -472,11 +487,13 @@ impl Worker {
             &self.shutdown,
             redis_class,
             |e, attempt, class| {
-                metrics::counter!(m::REDIS_ERRORS, "service" => "ai-consumer", "op" => op)
-                    .increment(1);
-                if class == Class::Permanent || attempt == 1 || attempt.is_multiple_of(20) {
-                    tracing::warn!(op, attempt, ?class, error = %e, "Redis failed");
+                RedisFailed {
+                    op,
+                    attempt,
+                    class,
+                    error: e,
                 }
+                .emit();
             },
             f,
         )
@@ -508,7 +525,7 @@ impl Worker {
             &headers,
             self.produce_timeout,
             &self.shutdown,
-            ("ai-consumer", "produce"),
+            (events::SERVICE, KafkaOp::Produce),
         )
         .instrument(span.clone())
         .await;
@@ -601,9 +618,12 @@ impl<'a> DeltaBatcher<'a> {
         // Deltas are a preview: the final record carries the whole answer, so a delta that
         // cannot be queued is counted and dropped rather than delaying the answer.
         if let Err((e, _)) = self.worker.producer.send_result(fr) {
-            metrics::counter!(m::KAFKA_ERRORS, "service" => "ai-consumer", "op" => "produce_delta")
-                .increment(1);
-            tracing::debug!(error = %e, "delta not queued");
+            DeltaDropped {
+                msg_id: &r.msg_id,
+                seq: self.seq - 1,
+                error: &e,
+            }
+            .emit();
         }
     }
 }

@@ -8,7 +8,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
+use crate::events::{DeadLetterFailed, DeadLettered};
 use crate::kafka;
+use crate::labels::KafkaOp;
 use crate::metrics as m;
 use crate::retry::RetryError;
 
@@ -34,6 +36,8 @@ impl std::fmt::Debug for DeadLetters {
 }
 
 impl DeadLetters {
+    /// A writer for `service` to `topic`; registers the topic's zero series of
+    /// `colloquy_dlq_writes_total`.
     #[must_use]
     pub fn new(
         producer: FutureProducer,
@@ -41,6 +45,7 @@ impl DeadLetters {
         service: &'static str,
         timeout: Duration,
     ) -> Self {
+        m::register_topic_series(m::DLQ_WRITES, service, &topic);
         Self {
             producer,
             topic,
@@ -80,20 +85,25 @@ impl DeadLetters {
             &headers,
             self.timeout,
             shutdown,
-            (self.service, "dlq"),
+            (self.service, KafkaOp::Dlq),
         )
         .await
         .map(drop);
         match &written {
-            Ok(()) => {
-                metrics::counter!(m::DLQ_WRITES, "service" => self.service, "topic" => self.topic.clone())
-                    .increment(1);
-                tracing::warn!(service = self.service, topic = %self.topic, %reason, "record dead-lettered");
+            Ok(()) => DeadLettered {
+                service: self.service,
+                topic: &self.topic,
+                reason,
             }
+            .emit(),
             Err(RetryError::Cancelled) => {}
-            Err(e) => {
-                tracing::error!(service = self.service, topic = %self.topic, %reason, error = %e, "dead letter NOT written");
+            Err(e) => DeadLetterFailed {
+                service: self.service,
+                topic: &self.topic,
+                reason,
+                error: e,
             }
+            .emit(),
         }
         written
     }

@@ -27,6 +27,10 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 
 use crate::config::{Assignment, KafkaConfig};
+use crate::events::{
+    CommitFailed, ConsumerLag, GapSeen, GroupRejoined, OffsetGap, PartitionsAssigned, ProduceFailed,
+};
+use crate::labels::KafkaOp;
 use crate::metrics as m;
 use crate::offset_gaps::{FetchState, GapDetector, Verdict};
 use crate::retry::{RetryError, RetryPolicy, kafka_class, retry};
@@ -87,6 +91,7 @@ pub fn producer(cfg: &KafkaConfig, service: &str) -> Result<FutureProducer, Kafk
 /// [`ObservedContext`], reading `topics`: subscribed through the group protocol, or, with
 /// [`Assignment::All`], every partition of them assigned by hand (no group membership, so no
 /// coordinator can leave it without partitions; offsets are still committed to `group`).
+/// Registers each topic's zero series of `colloquy_consumer_offset_gaps_total`.
 ///
 /// # Errors
 /// When librdkafka refuses the configuration or the subscription, or (with
@@ -97,6 +102,9 @@ pub async fn consumer(
     group: &str,
     topics: &[&str],
 ) -> Result<StreamConsumer<ObservedContext>, KafkaSetupError> {
+    for topic in topics {
+        m::register_topic_series(m::OFFSET_GAPS, service, topic);
+    }
     let mut config = base_config(cfg);
     if let (Some(id), Assignment::Group) = (&cfg.group_instance_id, cfg.assignment) {
         config.set("group.instance.id", id);
@@ -273,7 +281,11 @@ impl Membership {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = (count == 0).then(Instant::now);
         self.generation.fetch_add(1, Ordering::AcqRel);
-        metrics::gauge!(m::ASSIGNED_PARTITIONS, "service" => self.service).set(count as f64);
+        PartitionsAssigned {
+            service: self.service,
+            count,
+        }
+        .emit();
     }
 
     fn starts(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(String, i32), i64>> {
@@ -385,8 +397,13 @@ impl ClientContext for ObservedContext {
                 if *partition < 0 || p.consumer_lag < 0 {
                     continue;
                 }
-                metrics::gauge!(m::CONSUMER_LAG, "service" => self.service, "topic" => topic.clone(), "partition" => partition.to_string())
-                    .set(p.consumer_lag as f64);
+                ConsumerLag {
+                    service: self.service,
+                    topic,
+                    partition: *partition,
+                    lag: p.consumer_lag,
+                }
+                .emit();
             }
         }
     }
@@ -423,11 +440,11 @@ impl ConsumerContext for ObservedContext {
         match result {
             Ok(()) => tracing::trace!(service = self.service, ?offsets, "offsets committed"),
             Err(rdkafka::error::KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                metrics::counter!(m::KAFKA_ERRORS, "service" => self.service, "op" => "commit")
-                    .increment(1);
-                tracing::warn!(service = self.service, error = %e, "offset commit failed");
+            Err(e) => CommitFailed {
+                service: self.service,
+                error: &e,
             }
+            .emit(),
         }
     }
 }
@@ -454,12 +471,11 @@ pub async fn rejoin_when_idle<C>(
         match membership.empty_for() {
             None => bound = after,
             Some(empty) if empty >= bound => {
-                metrics::counter!(m::REJOINS, "service" => service).increment(1);
-                tracing::warn!(
+                GroupRejoined {
                     service,
-                    empty_secs = empty.as_secs(),
-                    "no partitions assigned for too long; rejoining the group"
-                );
+                    empty_for: empty,
+                }
+                .emit();
                 let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
                 consumer.unsubscribe();
                 if let Err(e) = consumer.subscribe(&topics) {
@@ -517,15 +533,15 @@ where
             got,
             seek_to,
         } => {
-            tracing::error!(
+            OffsetGap {
                 service,
                 topic,
                 partition,
                 expected,
-                got,
+                seen: GapSeen::Jumped { got },
                 seek_to,
-                "offset gap: records skipped by the fetch; seeking back"
-            );
+            }
+            .emit();
             seek_back(service, consumer, gaps, topic, partition, seek_to);
             false
         }
@@ -564,21 +580,23 @@ pub fn heal_stalled<C, X>(
         let Some((expected, seek_to)) = gaps.stalled(partition, fetch) else {
             continue;
         };
-        tracing::error!(
+        OffsetGap {
             service,
             topic,
             partition,
             expected,
-            high_watermark = fetch.high_watermark,
+            seen: GapSeen::Stalled {
+                high_watermark: fetch.high_watermark,
+            },
             seek_to,
-            "offset gap: reading stalled below the high watermark; seeking back"
-        );
+        }
+        .emit();
         seek_back(service, consumer, gaps, topic, partition, seek_to);
     }
 }
 
-/// Counts a gap of `partition` and seeks it to `seek_to`; when the seek fails the partition's
-/// state is forgotten (it is read again from its committed offset after a rebalance).
+/// Seeks `partition` (whose gap was just emitted) to `seek_to`; when the seek fails the
+/// partition's state is forgotten (it is read again from its committed offset after a rebalance).
 fn seek_back<C, X>(
     service: &'static str,
     consumer: &C,
@@ -590,8 +608,6 @@ fn seek_back<C, X>(
     C: Consumer<X>,
     X: ConsumerContext,
 {
-    metrics::counter!(m::OFFSET_GAPS, "service" => service, "topic" => topic.to_owned())
-        .increment(1);
     if let Err(e) = consumer.seek(
         topic,
         partition,
@@ -773,15 +789,22 @@ pub async fn produce(
     headers: &OwnedHeaders,
     timeout: Duration,
     shutdown: &CancellationToken,
-    (service, op): (&'static str, &'static str),
+    (service, op): (&'static str, KafkaOp),
 ) -> Result<Delivery, RetryError<KafkaError>> {
     retry(
         RetryPolicy::UNTIL_SHUTDOWN,
         shutdown,
         kafka_class,
         |e, attempt, class| {
-            metrics::counter!(m::KAFKA_ERRORS, "service" => service, "op" => op).increment(1);
-            tracing::warn!(service, topic, op, attempt, ?class, error = %e, "produce failed");
+            ProduceFailed {
+                service,
+                topic,
+                op,
+                attempt,
+                class,
+                error: e,
+            }
+            .emit();
         },
         || async {
             let record = FutureRecord::to(topic)

@@ -3,7 +3,8 @@
 //! Everything that two services must agree on lives here, so the contract exists once:
 //! the WebSocket frames ([`wire`]), the Kafka records and Redis deliveries ([`records`]),
 //! the naming of topics, keys and channels ([`names`]), configuration ([`config`]),
-//! broker and Redis set-up ([`kafka`], [`redis`]), the metrics contract ([`metrics`]),
+//! broker and Redis set-up ([`kafka`], [`redis`]), the metrics contract ([`metrics`], its
+//! label values [`labels`], and the events core emits [`events`]),
 //! telemetry ([`telemetry`], [`trace_context`], the conventional spans of [`semconv`]) and
 //! shutdown plumbing ([`shutdown`]).
 
@@ -11,7 +12,9 @@ pub mod admin;
 pub mod backoff;
 pub mod config;
 pub mod dead_letter;
+pub mod events;
 pub mod kafka;
+pub mod labels;
 pub mod metrics;
 pub mod names;
 pub mod offset_gaps;

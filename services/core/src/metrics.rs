@@ -1,12 +1,21 @@
 //! The metrics contract: every metric Colloquy emits, in one list.
 //!
 //! Dashboards and alert rules may use only names from [`CONTRACT`] (a test checks them), and
-//! `docs/metrics.md` is rendered from it (a test fails when that file is stale). Code emits a
-//! metric next to the event it counts, through the name constants below.
+//! `docs/metrics.md` is rendered from it (a test fails when that file is stale). Label values
+//! with a fixed set are the enums of [`crate::labels`]. Code emits a metric only through an
+//! event type (`events.rs` of each crate), whose `emit()` logs and counts together.
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::labels::service::{
+    AI_CONSUMER, GATEWAY as GATEWAY_NAME, PROBER as PROBER_NAME, RELAY as RELAY_NAME,
+};
+use crate::labels::{
+    KafkaOp, LlmErrorClass, LlmStatus, MessageOutcome, ProbeOutcome, RedisOp, RefusedReason,
+    ReplayReason, RetryReason, TokenKind, zero_values,
+};
 
 /// How a metric aggregates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,11 +45,25 @@ pub struct MetricDef {
     pub labels: &'static [&'static str],
     /// Which services emit it.
     pub services: &'static [&'static str],
-    /// Label values of the zero series each service registers at start, one per label other
-    /// than `service` (so every counter and gauge is visible before its first event).
-    /// `None` for metrics that only exist once observed (histograms, per-partition lag).
-    pub zero: Option<&'static [&'static str]>,
+    /// The series each service registers at zero when it starts, so every counter and gauge
+    /// is visible (and `increase()` sees its first event) before anything happened.
+    pub zero: Zero,
     pub help: &'static str,
+}
+
+/// Which series of a metric exist before its first event.
+#[derive(Clone, Copy, Debug)]
+pub enum Zero {
+    /// None: the metric exists once observed (histograms, per-partition lag, build info).
+    Never,
+    /// One series, labelled with `service` only (when the metric has that label).
+    One,
+    /// One series per value of the metric's one label besides `service` that the service
+    /// emits: `labels::zero_values::<TheLabelEnum>`.
+    Each(fn(&str) -> Vec<&'static str>),
+    /// One series per topic, registered by whoever knows the topic (a consumer, a
+    /// dead-letter writer) through [`register_topic_series`].
+    PerTopic,
 }
 
 pub const BUILD_INFO: &str = "colloquy_build_info";
@@ -71,12 +94,12 @@ pub const PROBE_SUCCESS: &str = "colloquy_probe_success";
 pub const PROBE_LATENCY: &str = "colloquy_probe_latency_seconds";
 pub const PROBES: &str = "colloquy_probes_total";
 
-const GATEWAY: &[&str] = &["gateway"];
-const CONSUMER: &[&str] = &["ai-consumer"];
-const ALL: &[&str] = &["gateway", "ai-consumer", "relay"];
-const KAFKA_CONSUMERS: &[&str] = &["ai-consumer", "relay"];
-const RELAY: &[&str] = &["relay"];
-const PROBER: &[&str] = &["prober"];
+const GATEWAY: &[&str] = &[GATEWAY_NAME];
+const CONSUMER: &[&str] = &[AI_CONSUMER];
+const ALL: &[&str] = &[GATEWAY_NAME, AI_CONSUMER, RELAY_NAME];
+const KAFKA_CONSUMERS: &[&str] = &[AI_CONSUMER, RELAY_NAME];
+const RELAY: &[&str] = &[RELAY_NAME];
+const PROBER: &[&str] = &[PROBER_NAME];
 
 /// Every metric Colloquy emits.
 pub const CONTRACT: &[MetricDef] = &[
@@ -86,7 +109,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service", "version"],
         services: ALL,
-        zero: None,
+        zero: Zero::Never,
         help: "Always 1; labels name the running service and version",
     },
     MetricDef {
@@ -95,7 +118,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "seconds",
         labels: &["outcome"],
         services: GATEWAY,
-        zero: None,
+        zero: Zero::Never,
         help: "Gateway receive of a message to its response (or llm_failed) frame written to a socket",
     },
     MetricDef {
@@ -104,7 +127,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "seconds",
         labels: &[],
         services: GATEWAY,
-        zero: None,
+        zero: Zero::Never,
         help: "Gateway receive of a message to its first delta frame written",
     },
     MetricDef {
@@ -113,7 +136,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "seconds",
         labels: &["stage"],
         services: ALL,
-        zero: None,
+        zero: Zero::Never,
         help: "Latency of one hop: produce, queue_wait, llm, relay, fanout",
     },
     MetricDef {
@@ -122,7 +145,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service", "outcome"],
         services: ALL,
-        zero: Some(&["received"]),
+        zero: Zero::Each(zero_values::<MessageOutcome>),
         help: "Messages handled, by service and outcome",
     },
     MetricDef {
@@ -131,7 +154,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &[],
         services: GATEWAY,
-        zero: Some(&[]),
+        zero: Zero::One,
         help: "WebSocket connections open on this gateway",
     },
     MetricDef {
@@ -140,7 +163,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["reason"],
         services: GATEWAY,
-        zero: Some(&["auth"]),
+        zero: Zero::Each(zero_values::<RefusedReason>),
         help: "WebSocket upgrades or sessions refused or closed by policy, by reason",
     },
     MetricDef {
@@ -149,7 +172,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["status"],
         services: CONSUMER,
-        zero: Some(&["2xx"]),
+        zero: Zero::Each(zero_values::<LlmStatus>),
         help: "LLM HTTP attempts by status class (2xx, 4xx, 429, 5xx, timeout, transport)",
     },
     MetricDef {
@@ -158,7 +181,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["reason"],
         services: CONSUMER,
-        zero: Some(&["429"]),
+        zero: Zero::Each(zero_values::<RetryReason>),
         help: "LLM attempts retried after backoff, by reason",
     },
     MetricDef {
@@ -167,7 +190,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["class"],
         services: CONSUMER,
-        zero: Some(&["exhausted"]),
+        zero: Zero::Each(zero_values::<LlmErrorClass>),
         help: "LLM calls that failed for good, by class",
     },
     MetricDef {
@@ -176,7 +199,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["kind"],
         services: CONSUMER,
-        zero: Some(&["completion"]),
+        zero: Zero::Each(zero_values::<TokenKind>),
         help: "Tokens reported by the LLM, prompt or completion",
     },
     MetricDef {
@@ -185,7 +208,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &[],
         services: CONSUMER,
-        zero: Some(&[]),
+        zero: Zero::One,
         help: "Messages being answered now (bounded by the in-flight limit)",
     },
     MetricDef {
@@ -194,7 +217,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service", "topic", "partition"],
         services: KAFKA_CONSUMERS,
-        zero: None,
+        zero: Zero::Never,
         help: "Consumer lag per partition in messages, from librdkafka statistics",
     },
     MetricDef {
@@ -203,7 +226,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service", "topic"],
         services: KAFKA_CONSUMERS,
-        zero: Some(&["none"]),
+        zero: Zero::PerTopic,
         help: "Records written to a dead-letter topic",
     },
     MetricDef {
@@ -212,7 +235,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service", "op"],
         services: ALL,
-        zero: Some(&["none"]),
+        zero: Zero::Each(zero_values::<RedisOp>),
         help: "Redis commands that failed, by operation",
     },
     MetricDef {
@@ -221,7 +244,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service", "op"],
         services: ALL,
-        zero: Some(&["none"]),
+        zero: Zero::Each(zero_values::<KafkaOp>),
         help: "Kafka produce or consume errors, by operation",
     },
     MetricDef {
@@ -230,7 +253,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["reason"],
         services: GATEWAY,
-        zero: Some(&["resume"]),
+        zero: Zero::Each(zero_values::<ReplayReason>),
         help: "Deliveries sent from the inbox stream during a replay, by what triggered it",
     },
     MetricDef {
@@ -239,7 +262,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &[],
         services: GATEWAY,
-        zero: Some(&[]),
+        zero: Zero::One,
         help: "Inbox replays that waited for a free slot (MAX_CONCURRENT_REPLAYS); bursts after a Redis reconnect are expected, steady growth means too few slots",
     },
     MetricDef {
@@ -248,7 +271,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service"],
         services: ALL,
-        zero: Some(&[]),
+        zero: Zero::One,
         help: "Duplicates detected and skipped (redelivered messages, repeated deliveries)",
     },
     MetricDef {
@@ -257,7 +280,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service", "topic"],
         services: KAFKA_CONSUMERS,
-        zero: Some(&["none"]),
+        zero: Zero::PerTopic,
         help: "Jumps in a partition's offsets seen by a consumer (healed by seeking back); any is a fault",
     },
     MetricDef {
@@ -266,7 +289,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service"],
         services: KAFKA_CONSUMERS,
-        zero: Some(&[]),
+        zero: Zero::One,
         help: "Partitions this consumer holds now",
     },
     MetricDef {
@@ -275,7 +298,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["service"],
         services: KAFKA_CONSUMERS,
-        zero: Some(&[]),
+        zero: Zero::One,
         help: "Times a consumer left with no partitions for too long rejoined its group",
     },
     MetricDef {
@@ -284,7 +307,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &[],
         services: RELAY,
-        zero: Some(&[]),
+        zero: Zero::One,
         help: "Acked messages whose answer or failure is not yet durable in the inbox (audit)",
     },
     MetricDef {
@@ -293,7 +316,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "seconds",
         labels: &[],
         services: RELAY,
-        zero: Some(&[]),
+        zero: Zero::One,
         help: "Age of the oldest acked message with no durable answer or failure (audit)",
     },
     MetricDef {
@@ -302,7 +325,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &[],
         services: PROBER,
-        zero: Some(&[]),
+        zero: Zero::One,
         help: "1 when the last synthetic probe through the edge got its answer in time, else 0",
     },
     MetricDef {
@@ -311,7 +334,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "seconds",
         labels: &["stage"],
         services: PROBER,
-        zero: None,
+        zero: Zero::Never,
         help: "Synthetic probe latency from send to ack, first_delta and answer",
     },
     MetricDef {
@@ -320,7 +343,7 @@ pub const CONTRACT: &[MetricDef] = &[
         unit: "",
         labels: &["outcome"],
         services: PROBER,
-        zero: Some(&["success"]),
+        zero: Zero::Each(zero_values::<ProbeOutcome>),
         help: "Synthetic probes by outcome (success, connect_failed, no_ack, no_answer, error)",
     },
 ];
@@ -382,28 +405,66 @@ fn describe() {
 }
 
 /// Sets `colloquy_build_info{service,version} 1` and registers the zero series of every
-/// counter and gauge `service` emits, so dashboards and alerts see them before the first event.
+/// counter and gauge `service` emits ([`MetricDef::zero`]), so dashboards and alerts see them
+/// before the first event.
 pub fn record_build_info(service: &'static str) {
     let _ = recorder();
     metrics::gauge!(BUILD_INFO, "service" => service, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
     for def in CONTRACT.iter().filter(|d| d.services.contains(&service)) {
-        let Some(values) = def.zero else { continue };
-        let mut labels: Vec<metrics::Label> = Vec::with_capacity(def.labels.len());
-        let mut values = values.iter();
-        for l in def.labels {
-            let v = if *l == "service" {
-                service
-            } else {
-                values.next().copied().unwrap_or("none")
+        for labels in zero_series(def, service) {
+            register_zero(def, labels);
+        }
+    }
+}
+
+/// Registers the zero series of each [`Zero::PerTopic`] metric named `name` for `topic`.
+pub fn register_topic_series(name: &'static str, service: &'static str, topic: &str) {
+    let _ = recorder();
+    if let Some(def) = CONTRACT
+        .iter()
+        .find(|d| d.name == name && matches!(d.zero, Zero::PerTopic))
+    {
+        let labels = def
+            .labels
+            .iter()
+            .map(|l| match *l {
+                "service" => metrics::Label::new("service", service),
+                other => metrics::Label::new(other, topic.to_owned()),
+            })
+            .collect();
+        register_zero(def, labels);
+    }
+}
+
+/// The label sets of the zero series `service` registers for `def` at start.
+fn zero_series(def: &MetricDef, service: &'static str) -> Vec<Vec<metrics::Label>> {
+    let with_service = |mut labels: Vec<metrics::Label>| {
+        if def.labels.contains(&"service") {
+            labels.insert(0, metrics::Label::new("service", service));
+        }
+        labels
+    };
+    match def.zero {
+        Zero::Never | Zero::PerTopic => Vec::new(),
+        Zero::One => vec![with_service(Vec::new())],
+        Zero::Each(values) => {
+            let Some(label) = def.labels.iter().find(|l| **l != "service") else {
+                return Vec::new();
             };
-            labels.push(metrics::Label::new(*l, v));
+            values(service)
+                .into_iter()
+                .map(|v| with_service(vec![metrics::Label::new(*label, v)]))
+                .collect()
         }
-        match def.kind {
-            Kind::Counter => metrics::counter!(def.name, labels).increment(0),
-            Kind::Gauge => metrics::gauge!(def.name, labels).increment(0.0),
-            Kind::Histogram => {}
-        }
+    }
+}
+
+fn register_zero(def: &MetricDef, labels: Vec<metrics::Label>) {
+    match def.kind {
+        Kind::Counter => metrics::counter!(def.name, labels).increment(0),
+        Kind::Gauge => metrics::gauge!(def.name, labels).increment(0.0),
+        Kind::Histogram => {}
     }
 }
 
@@ -467,6 +528,7 @@ pub fn missing_from(exposition: &str, service: Option<&str>) -> Vec<&'static str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::labels::LabelValue;
 
     #[test]
     fn docs_metrics_md_is_current() {
@@ -496,6 +558,51 @@ mod tests {
             if d.kind == Kind::Histogram {
                 assert!(d.name.ends_with("_seconds"), "{}", d.name);
             }
+        }
+    }
+
+    #[test]
+    fn zero_series_are_of_values_the_service_emits() {
+        for d in CONTRACT {
+            match d.zero {
+                Zero::Each(values) => {
+                    let others: Vec<_> = d.labels.iter().filter(|l| **l != "service").collect();
+                    assert_eq!(
+                        others.len(),
+                        1,
+                        "{}: Each needs one label besides service",
+                        d.name
+                    );
+                    for s in d.services {
+                        assert!(!values(s).is_empty(), "{}: {s} emits no value", d.name);
+                    }
+                }
+                Zero::PerTopic => assert!(d.labels.contains(&"topic"), "{}", d.name),
+                Zero::One => assert!(
+                    d.labels.iter().all(|l| *l == "service"),
+                    "{}: One registers no label but service",
+                    d.name
+                ),
+                Zero::Never => {}
+            }
+            if d.kind == Kind::Histogram {
+                assert!(matches!(d.zero, Zero::Never), "{}", d.name);
+            }
+        }
+        // A value is registered only for a service that emits it.
+        let gateway_ops = zero_values::<KafkaOp>(GATEWAY_NAME);
+        assert_eq!(gateway_ops, [KafkaOp::Produce.as_str()]);
+    }
+
+    #[test]
+    fn help_names_every_value_it_lists() {
+        // Help texts that enumerate a label's values must not fall behind the enum.
+        let help = |name: &str| CONTRACT.iter().find(|d| d.name == name).unwrap().help;
+        for v in crate::labels::all::<ProbeOutcome>() {
+            assert!(help(PROBES).contains(v), "{v}");
+        }
+        for v in crate::labels::all::<crate::labels::Stage>() {
+            assert!(help(STAGE_LATENCY).contains(v), "{v}");
         }
     }
 

@@ -16,8 +16,10 @@ use fred::types::scripts::Script;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use colloquy_core::UserId;
 use colloquy_core::names::Names;
-use colloquy_core::{UserId, metrics as m};
+
+use crate::events::AuditEntriesLost;
 
 /// KEYS: audit set, delivered marker of this send. ARGV: ack time ms, member.
 const AUDIT_ADD_LUA: &str = r"
@@ -63,8 +65,11 @@ impl Audit {
             acked_at_ms,
         };
         if self.tx.try_send(entry).is_err() {
-            metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "audit")
-                .increment(1);
+            AuditEntriesLost {
+                entries: 1,
+                error: None,
+            }
+            .emit();
         }
     }
 }
@@ -101,9 +106,11 @@ async fn write(
             written = add(&redis, &script, &key, &batch).await;
         }
         if let Err(e) = written {
-            metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "audit")
-                .increment(batch.len() as u64);
-            tracing::debug!(error = %e, entries = batch.len(), "audit entries not written");
+            AuditEntriesLost {
+                entries: batch.len(),
+                error: Some(&e),
+            }
+            .emit();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         batch.clear();

@@ -88,7 +88,7 @@ pub enum Action {
     Close { code: u16, reason: &'static str },
 }
 
-/// Why a client frame was refused (the `outcome` label of the count).
+/// Why a client frame was refused (its `outcome` label: `events::MessageRefused`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     Invalid,
@@ -96,19 +96,6 @@ pub enum Refusal {
     RateLimited,
     TooManyInFlight,
     TooManyResumes,
-}
-
-impl Refusal {
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Invalid => "invalid",
-            Self::TooLarge => "too_large",
-            Self::RateLimited => "rate_limited",
-            Self::TooManyInFlight => "too_many_in_flight",
-            Self::TooManyResumes => "too_many_resumes",
-        }
-    }
 }
 
 /// A page of the inbox, as read for an [`Action::ReadInbox`].

@@ -20,11 +20,12 @@ use fred::prelude::*;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use colloquy_core::UserId;
 use colloquy_core::backoff::Backoff;
 use colloquy_core::names::Names;
 use colloquy_core::records::Delivery;
-use colloquy_core::{UserId, metrics as m};
 
+use crate::events::{ResubscribeFailed, SubscribeFailed, UnsubscribeFailed};
 use crate::session::Outbound;
 
 /// What the fan-out needs of its Redis subscriber connection: fred's [`SubscriberClient`] in
@@ -342,8 +343,11 @@ async fn manage_subscriptions<C: Channels>(
                         let _ = reply.send(Ok(()));
                     }
                     Err(e) => {
-                        metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "subscribe").increment(1);
-                        tracing::warn!(userid = %user, error = %e, "subscribe failed");
+                        SubscribeFailed {
+                            userid: user.as_str(),
+                            error: &e,
+                        }
+                        .emit();
                         let _ = reply.send(Err(e));
                     }
                 }
@@ -356,8 +360,11 @@ async fn manage_subscriptions<C: Channels>(
                     .unsubscribe(fanout.names.user_channel(&user))
                     .await
                 {
-                    metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "unsubscribe").increment(1);
-                    tracing::warn!(userid = %user, error = %e, "unsubscribe failed");
+                    UnsubscribeFailed {
+                        userid: user.as_str(),
+                        error: &e,
+                    }
+                    .emit();
                 }
             }
             SubCmd::Resubscribe => {
@@ -382,11 +389,11 @@ async fn resubscribe<C: Channels>(subscriber: &C, shutdown: &CancellationToken) 
         attempts = attempts.saturating_add(1);
         match subscriber.resubscribe_all().await {
             Ok(()) => return true,
-            Err(e) => {
-                metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "subscribe")
-                    .increment(1);
-                tracing::warn!(error = %e, attempts, "re-subscribe after reconnect failed; retrying");
+            Err(e) => ResubscribeFailed {
+                attempts,
+                error: &e,
             }
+            .emit(),
         }
         let delay = backoff
             .delay(attempts, None, &mut rand::rng())

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod close;
 pub mod config;
 pub mod connection;
+pub mod events;
 pub mod fanout;
 pub mod inbox;
 pub mod publish;
@@ -71,13 +72,13 @@ impl Application {
                 "dev mode (COLLOQUY_DEV=1 / --dev): built-in secret, open POST /token and localhost origins are allowed"
             );
         }
-        colloquy_core::metrics::record_build_info("gateway");
+        colloquy_core::metrics::record_build_info(events::SERVICE);
         if let Err(e) = colloquy_core::kafka::ensure_topics(&kafka, &names.all_topics()).await {
             // The broker may come up later; produce will report unavailability per message.
             tracing::warn!(error = %e, "could not ensure topics at start");
         }
         let producer =
-            colloquy_core::kafka::producer(&kafka, "gateway").context("Kafka producer")?;
+            colloquy_core::kafka::producer(&kafka, events::SERVICE).context("Kafka producer")?;
         let pool = colloquy_core::redis::pool(&redis)
             .await
             .context("Redis pool")?;

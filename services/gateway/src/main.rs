@@ -31,7 +31,8 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry =
-        colloquy_core::telemetry::init("gateway", &cli.telemetry).context("telemetry")?;
+        colloquy_core::telemetry::init(colloquy_gateway::events::SERVICE, &cli.telemetry)
+            .context("telemetry")?;
     let shutdown = colloquy_core::shutdown::on_signal();
     let app = Application::build(Settings {
         gateway: cli.gateway,

@@ -14,7 +14,9 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 
 use colloquy_core::names::Names;
-use colloquy_core::{UserId, metrics as m, now_ms};
+use colloquy_core::{UserId, now_ms};
+
+use crate::events::RateLimitFallback;
 
 /// The outcome of a rate-limit check; being limited is an expected value, not an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,8 +136,11 @@ impl RateLimiter {
                     };
                 }
                 Err(e) => {
-                    metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "rate_limit").increment(1);
-                    tracing::warn!(error = %e, "rate limit script failed; using the local limiter");
+                    RateLimitFallback {
+                        userid: user.as_str(),
+                        error: &e,
+                    }
+                    .emit();
                     self.redis_down_until
                         .store(now + REDIS_RETRY_AFTER_FAILURE_MS, Ordering::Relaxed);
                 }

@@ -15,11 +15,13 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::json;
 
+use colloquy_core::labels::RefusedReason;
 use colloquy_core::wire::EventId;
-use colloquy_core::{UserId, kafka, metrics as m};
+use colloquy_core::{UserId, kafka};
 
 use crate::auth::{AuthError, constant_time_eq};
 use crate::close;
+use crate::events::ConnectionRefused;
 use crate::session::{self, Accepted};
 use crate::state::AppState;
 
@@ -121,12 +123,16 @@ async fn websocket(
             })
         }),
         Err(reason) => {
-            let label = if reason == "origin not allowed" {
-                "origin"
-            } else {
-                "auth"
-            };
-            metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => label).increment(1);
+            ConnectionRefused {
+                userid: params.userid.as_deref(),
+                reason: if reason == "origin not allowed" {
+                    RefusedReason::Origin
+                } else {
+                    RefusedReason::Auth
+                },
+                detail: reason,
+            }
+            .emit();
             ws.on_upgrade(move |socket| async move {
                 let (mut sink, mut stream) = socket.split();
                 session::close_and_linger(&mut sink, &mut stream, close::POLICY, reason).await;

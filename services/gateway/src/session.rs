@@ -15,12 +15,18 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::{TryAcquireError, mpsc};
 
 use colloquy_core::backoff::Backoff;
+use colloquy_core::labels::{RefusedReason, ReplayReason};
 use colloquy_core::records::{Delivery, ResponseBody};
 use colloquy_core::wire::{EventId, ServerFrame};
-use colloquy_core::{UserId, metrics as m, now_ms};
+use colloquy_core::{UserId, now_ms};
 
 use crate::close;
 use crate::connection::{Action, Connection, InboxPage, Limits, Published};
+use crate::events::{
+    ConnectionRefused, DeliveryWritten, DuplicatesSkipped, InboxReplayed, MessageAnswered,
+    MessageNotProduced, MessageProduced, MessageRefused, ReplayFailed, ReplayQueued, SessionClosed,
+    SessionOpened,
+};
 use crate::fanout::{ConnHandle, RegisterError, Resync};
 use crate::inbox;
 use crate::publish;
@@ -88,11 +94,17 @@ where
     };
     if let Err(e) = state.fanout.register(&user, handle).await {
         let reason = match e {
-            RegisterError::TooManyConnections => "too_many_connections",
-            RegisterError::Subscribe(_) => "deliveries_unavailable",
+            RegisterError::TooManyConnections => RefusedReason::TooManyConnections,
+            RegisterError::Subscribe(_) => RefusedReason::DeliveriesUnavailable,
         };
-        metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
-        close_and_linger(&mut sink, &mut stream, close::TRY_AGAIN, &e.to_string()).await;
+        let detail = e.to_string();
+        ConnectionRefused {
+            userid: Some(user.as_str()),
+            reason,
+            detail: &detail,
+        }
+        .emit();
+        close_and_linger(&mut sink, &mut stream, close::TRY_AGAIN, &detail).await;
         return;
     }
     // Subscribed first, position second: anything after the position arrives live.
@@ -108,20 +120,23 @@ where
         Err(e) => {
             tracing::warn!(userid = %user, error = %e, "cannot read the inbox position; refusing the socket with 1013");
             state.fanout.unregister(&user, conn_id);
-            metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "deliveries_unavailable")
-                .increment(1);
-            close_and_linger(
-                &mut sink,
-                &mut stream,
-                close::TRY_AGAIN,
-                "deliveries unavailable: cannot read the stream position",
-            )
-            .await;
+            let detail = "deliveries unavailable: cannot read the stream position";
+            ConnectionRefused {
+                userid: Some(user.as_str()),
+                reason: RefusedReason::DeliveriesUnavailable,
+                detail,
+            }
+            .emit();
+            close_and_linger(&mut sink, &mut stream, close::TRY_AGAIN, detail).await;
             return;
         }
     };
-    metrics::gauge!(m::CONNECTIONS).increment(1.0);
-    tracing::debug!(userid = %user, conn_id, %position, "session open");
+    SessionOpened {
+        userid: user.as_str(),
+        conn_id,
+        position: &position,
+    }
+    .emit();
 
     let (mut conn, first) = Connection::open(
         limits(&state),
@@ -186,11 +201,16 @@ where
             close_and_linger(&mut sink, &mut stream, code, &reason).await;
         }
         Some(End::TooBig) => {
-            metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "frame_too_large").increment(1);
             let reason = format!(
                 "frame too large: the limit is {} bytes",
                 state.config.max_frame_bytes
             );
+            ConnectionRefused {
+                userid: Some(user.as_str()),
+                reason: RefusedReason::FrameTooLarge,
+                detail: &reason,
+            }
+            .emit();
             // The rest of the oversized frame is unread: hold the socket without reading, so
             // the close frame is not destroyed by a reset before the peer (or nginx) reads it.
             let _ = sink.send(close::message(close::TOO_BIG, &reason)).await;
@@ -199,8 +219,11 @@ where
         Some(End::PeerLeft | End::Gone) | None => {}
     }
     state.fanout.unregister(&user, conn_id);
-    metrics::gauge!(m::CONNECTIONS).decrement(1.0);
-    tracing::debug!(userid = %user, conn_id, "session closed");
+    SessionClosed {
+        userid: user.as_str(),
+        conn_id,
+    }
+    .emit();
 }
 
 /// Why the loop ended.
@@ -272,6 +295,21 @@ struct Io<'a> {
 }
 
 impl Io<'_> {
+    /// Counts how producing a message ended, as the client is told: an ack or an error.
+    fn count_written(&self, frame: &ServerFrame) {
+        let (acked, msg_id) = match frame {
+            ServerFrame::Ack { id, .. } => (true, Some(id.as_str())),
+            ServerFrame::Error { id, .. } => (false, id.as_deref()),
+            _ => return,
+        };
+        MessageAnswered {
+            userid: self.user.as_str(),
+            msg_id,
+            acked,
+        }
+        .emit();
+    }
+
     fn on_outbound(&self, conn: &mut Connection, out: Outbound) -> Vec<Action> {
         match out {
             Outbound::Live(d) => conn.on_live(d),
@@ -295,12 +333,16 @@ impl Io<'_> {
         while let Some(action) = queue.pop_front() {
             let message = match action {
                 Action::Write(frame) => {
-                    count_written(&frame);
+                    self.count_written(&frame);
                     Message::Text(frame.to_json().into())
                 }
-                Action::Refuse(frame, why) => {
-                    metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => why.as_str())
-                        .increment(1);
+                Action::Refuse(frame, refusal) => {
+                    MessageRefused {
+                        userid: self.user.as_str(),
+                        msg_id: frame_msg_id(&frame),
+                        refusal,
+                    }
+                    .emit();
                     Message::Text(frame.to_json().into())
                 }
                 Action::Deliver(d) => Message::Text(delivered_frame(&d).to_json().into()),
@@ -334,7 +376,11 @@ impl Io<'_> {
         }
         let duplicates = conn.take_duplicates();
         if duplicates > 0 {
-            metrics::counter!(m::DUPLICATES, "service" => "gateway").increment(duplicates);
+            DuplicatesSkipped {
+                userid: self.user.as_str(),
+                count: duplicates,
+            }
+            .emit();
         }
         if wrote && sink.flush().await.is_err() {
             return Some(End::Gone);
@@ -376,7 +422,11 @@ impl Io<'_> {
         let state = Arc::clone(self.state);
         let user = self.user.clone();
         let tx = self.tx.clone();
-        let reason = if check_trim { "resume" } else { "resync" };
+        let reason = if check_trim {
+            ReplayReason::Resume
+        } else {
+            ReplayReason::Resync
+        };
         tokio::spawn(async move {
             if attempt > 0 {
                 let delay = REPLAY_BACKOFF
@@ -388,7 +438,10 @@ impl Io<'_> {
                 Ok(permit) => permit,
                 Err(TryAcquireError::Closed) => return,
                 Err(TryAcquireError::NoPermits) => {
-                    metrics::counter!(m::REPLAYS_QUEUED).increment(1);
+                    ReplayQueued {
+                        userid: user.as_str(),
+                    }
+                    .emit();
                     let Ok(permit) = state.replays.acquire().await else {
                         return;
                     };
@@ -406,14 +459,21 @@ impl Io<'_> {
             .await
             {
                 Ok(page) => {
-                    metrics::counter!(m::REPLAYED, "reason" => reason)
-                        .increment(page.entries.len() as u64);
+                    InboxReplayed {
+                        userid: user.as_str(),
+                        reason,
+                        entries: page.entries.len(),
+                    }
+                    .emit();
                     Some(Box::new(page))
                 }
                 Err(e) => {
-                    metrics::counter!(m::REDIS_ERRORS, "service" => "gateway", "op" => "replay")
-                        .increment(1);
-                    tracing::warn!(userid = %user, error = %e, attempt, "inbox replay failed; retrying");
+                    ReplayFailed {
+                        userid: user.as_str(),
+                        attempt,
+                        error: &e,
+                    }
+                    .emit();
                     None
                 }
             };
@@ -443,13 +503,22 @@ impl Io<'_> {
         ) {
             Ok(pending) => {
                 let tx = self.tx.clone();
-                self.state
-                    .tasks
-                    .spawn(await_ack(pending, msg_id, tx, Instant::now()));
+                self.state.tasks.spawn(await_ack(
+                    pending,
+                    self.user.clone(),
+                    msg_id,
+                    tx,
+                    Instant::now(),
+                ));
                 None
             }
             Err(e) => {
-                unavailable(&msg_id, &e);
+                MessageNotProduced {
+                    userid: self.user.as_str(),
+                    msg_id: &msg_id,
+                    error: &e,
+                }
+                .emit();
                 Some(Published::Unavailable)
             }
         }
@@ -460,18 +529,27 @@ impl Io<'_> {
 /// the one place where a message becomes acked.
 async fn await_ack(
     pending: impl Future<Output = Result<String, publish::PublishError>>,
+    user: UserId,
     msg_id: String,
     tx: mpsc::Sender<Outbound>,
     started: Instant,
 ) {
     let outcome = match pending.await {
         Ok(trace_id) => {
-            metrics::histogram!(m::STAGE_LATENCY, "stage" => "produce")
-                .record(started.elapsed().as_secs_f64());
+            MessageProduced {
+                msg_id: &msg_id,
+                latency: started.elapsed(),
+            }
+            .emit();
             Published::Acked { trace_id }
         }
         Err(e) => {
-            unavailable(&msg_id, &e);
+            MessageNotProduced {
+                userid: user.as_str(),
+                msg_id: &msg_id,
+                error: &e,
+            }
+            .emit();
             Published::Unavailable
         }
     };
@@ -480,46 +558,27 @@ async fn await_ack(
         .await;
 }
 
-fn unavailable(msg_id: &str, e: &publish::PublishError) {
-    metrics::counter!(m::KAFKA_ERRORS, "service" => "gateway", "op" => "produce").increment(1);
-    tracing::warn!(msg_id = %msg_id, error = %e, "message not accepted by Kafka");
-}
-
-fn count_written(frame: &ServerFrame) {
-    let outcome = match frame {
-        ServerFrame::Ack { .. } => "acked",
-        ServerFrame::Error { .. } => "unavailable",
-        _ => return,
-    };
-    metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => outcome).increment(1);
+/// The message id an error frame refers to, if any.
+fn frame_msg_id(frame: &ServerFrame) -> Option<&str> {
+    match frame {
+        ServerFrame::Error { id, .. } => id.as_deref(),
+        _ => None,
+    }
 }
 
 /// The frame for a delivery, with its latency recorded at the moment it is handed to the socket.
 fn delivered_frame(d: &Delivery) -> ServerFrame {
-    let now = now_ms();
-    let since_receive = (now - d.received_at_ms).max(0) as f64 / 1000.0;
-    match &d.body {
-        ResponseBody::Delta { seq, .. } => {
-            if *seq == 0 {
-                metrics::histogram!(m::FIRST_DELTA_LATENCY).record(since_receive);
-            }
-        }
-        ResponseBody::Final { .. } | ResponseBody::Failed { .. } => {
-            // The last hop of the message's trace: the answer handed to the socket.
-            let span = tracing::info_span!("gateway.deliver", userid = %d.userid, msg_id = %d.msg_id, otel.kind = "consumer");
-            colloquy_core::trace_context::continue_from(&span, d.traceparent.as_deref());
-            drop(span);
-            let outcome = if matches!(d.body, ResponseBody::Final { .. }) {
-                "response"
-            } else {
-                "llm_failed"
-            };
-            metrics::histogram!(m::E2E_LATENCY, "outcome" => outcome).record(since_receive);
-            metrics::histogram!(m::STAGE_LATENCY, "stage" => "fanout")
-                .record((now - d.relayed_at_ms).max(0) as f64 / 1000.0);
-            metrics::counter!(m::MESSAGES, "service" => "gateway", "outcome" => "delivered")
-                .increment(1);
-        }
+    let written = DeliveryWritten {
+        delivery: d,
+        now_ms: now_ms(),
+    };
+    if matches!(d.body, ResponseBody::Delta { .. }) {
+        written.emit();
+    } else {
+        // The last hop of the message's trace: the answer handed to the socket.
+        let span = tracing::info_span!("gateway.deliver", userid = %d.userid, msg_id = %d.msg_id, otel.kind = "consumer");
+        colloquy_core::trace_context::continue_from(&span, d.traceparent.as_deref());
+        span.in_scope(|| written.emit());
     }
     d.to_frame()
 }

@@ -1,16 +1,15 @@
 //! The prober's one event, logged and counted together.
+//!
+//! Every outcome's counter exists at zero from the start (`record_build_info` registers the
+//! contract's zero series), so `rate()` and `increase()` see the first failure.
 
+use colloquy_core::labels::{LabelValue, service};
 use colloquy_core::metrics as m;
 
 use crate::tracker::{Outcome, ProbeReport};
 
-/// Registers every outcome's counter at zero, so `rate()` and `increase()` see the first failure.
-pub fn register_zero_series() {
-    for o in Outcome::ALL {
-        metrics::counter!(m::PROBES, "outcome" => o.as_str()).increment(0);
-    }
-    metrics::gauge!(m::PROBE_SUCCESS).set(0.0);
-}
+/// The `service` name of the prober.
+pub const SERVICE: &str = service::PROBER;
 
 /// A probe ended.
 #[derive(Debug)]
@@ -28,6 +27,8 @@ impl ProbeFinished<'_> {
         if r.outcome == Outcome::Success {
             tracing::info!(
                 userid = self.userid,
+                msg_id = r.msg_id.as_deref(),
+                trace_id = r.trace_id.as_deref(),
                 outcome = r.outcome.as_str(),
                 ack_ms = ms(r.ack),
                 first_delta_ms = ms(r.first_delta),
@@ -37,6 +38,8 @@ impl ProbeFinished<'_> {
         } else {
             tracing::warn!(
                 userid = self.userid,
+                msg_id = r.msg_id.as_deref(),
+                trace_id = r.trace_id.as_deref(),
                 outcome = r.outcome.as_str(),
                 ack_ms = ms(r.ack),
                 first_delta_ms = ms(r.first_delta),

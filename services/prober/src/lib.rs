@@ -43,8 +43,7 @@ impl Application {
     /// # Errors
     /// When the metrics address cannot be bound or the HTTP client cannot be built.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        colloquy_core::metrics::record_build_info("prober");
-        events::register_zero_series();
+        colloquy_core::metrics::record_build_info(events::SERVICE);
         let stop = CancellationToken::new();
         let metrics_addr = colloquy_core::admin::serve(
             settings.prober.metrics_listen,

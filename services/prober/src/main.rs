@@ -23,7 +23,8 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry =
-        colloquy_core::telemetry::init("prober", &cli.telemetry).context("telemetry")?;
+        colloquy_core::telemetry::init(colloquy_prober::events::SERVICE, &cli.telemetry)
+            .context("telemetry")?;
     let shutdown = colloquy_core::shutdown::on_signal();
     let app = Application::build(Settings { prober: cli.prober }).await?;
     app.run_until_stopped(shutdown).await

@@ -115,7 +115,9 @@ impl Prober {
             serde_json::json!({"type": "message", "id": msg_id, "content": self.cfg.message});
         let sent = Instant::now();
         if let Err(e) = ws.send(Message::Text(frame.to_string().into())).await {
-            return ProbeReport::failed_before_send(Outcome::Error, format!("send: {e}"));
+            let mut report = ProbeReport::failed_before_send(Outcome::Error, format!("send: {e}"));
+            report.msg_id = Some(msg_id);
+            return report;
         }
         let report = loop {
             let deadline = sent + tracker.next_deadline();

@@ -9,65 +9,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// How a probe ended; the `outcome` label of `colloquy_probes_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    /// The answer came before the deadline.
-    Success,
-    /// The edge could not be reached: token request or upgrade failed at the transport or with a 5xx.
-    ConnectFailed,
-    /// The message was not acked in time, or was refused (`unavailable`, `rate_limited`, ...).
-    NoAck,
-    /// Acked, but no answer before the deadline, or an `llm_failed` instead of an answer.
-    NoAnswer,
-    /// Anything else: the token refused (4xx), the socket closed mid-probe, a malformed frame.
-    Error,
-}
-
-impl Outcome {
-    pub const ALL: [Self; 5] = [
-        Self::Success,
-        Self::ConnectFailed,
-        Self::NoAck,
-        Self::NoAnswer,
-        Self::Error,
-    ];
-
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Success => "success",
-            Self::ConnectFailed => "connect_failed",
-            Self::NoAck => "no_ack",
-            Self::NoAnswer => "no_answer",
-            Self::Error => "error",
-        }
-    }
-}
-
-/// A timed point of the probe; the `stage` label of `colloquy_probe_latency_seconds`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
-    Ack,
-    FirstDelta,
-    Answer,
-}
-
-impl Stage {
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ack => "ack",
-            Self::FirstDelta => "first_delta",
-            Self::Answer => "answer",
-        }
-    }
-}
+/// How a probe ended (the `outcome` label of `colloquy_probes_total`) and its timed points
+/// (the `stage` label of `colloquy_probe_latency_seconds`): label values of the contract.
+pub use colloquy_core::labels::{ProbeOutcome as Outcome, ProbeStage as Stage};
 
 /// What one probe measured. Latencies are from the send of the message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbeReport {
     pub outcome: Outcome,
+    /// The probe message's id; `None` when the probe ended before sending it.
+    pub msg_id: Option<String>,
+    /// The trace id of the message, from its `ack`; `None` when it was not acked.
+    pub trace_id: Option<String>,
     pub ack: Option<Duration>,
     pub first_delta: Option<Duration>,
     pub answer: Option<Duration>,
@@ -81,6 +34,8 @@ impl ProbeReport {
     pub fn failed_before_send(outcome: Outcome, detail: impl Into<String>) -> Self {
         Self {
             outcome,
+            msg_id: None,
+            trace_id: None,
             ack: None,
             first_delta: None,
             answer: None,
@@ -115,6 +70,8 @@ pub enum Progress {
 enum Incoming {
     Ack {
         id: String,
+        #[serde(default)]
+        trace_id: Option<String>,
     },
     Delta {
         id: String,
@@ -137,6 +94,7 @@ enum Incoming {
 #[derive(Debug)]
 pub struct ProbeTracker {
     msg_id: String,
+    trace_id: Option<String>,
     ack_timeout: Duration,
     answer_timeout: Duration,
     ack: Option<Duration>,
@@ -148,6 +106,7 @@ impl ProbeTracker {
     pub fn new(msg_id: impl Into<String>, ack_timeout: Duration, answer_timeout: Duration) -> Self {
         Self {
             msg_id: msg_id.into(),
+            trace_id: None,
             ack_timeout,
             answer_timeout,
             ack: None,
@@ -173,6 +132,8 @@ impl ProbeTracker {
     fn finish(&self, outcome: Outcome, answer: Option<Duration>, detail: String) -> Progress {
         Progress::Finished(ProbeReport {
             outcome,
+            msg_id: Some(self.msg_id.clone()),
+            trace_id: self.trace_id.clone(),
             ack: self.ack,
             first_delta: self.first_delta,
             answer,
@@ -189,8 +150,11 @@ impl ProbeTracker {
             }
         };
         match frame {
-            Incoming::Ack { id } if id == self.msg_id => {
+            Incoming::Ack { id, trace_id } if id == self.msg_id => {
                 self.ack.get_or_insert(elapsed);
+                if self.trace_id.is_none() {
+                    self.trace_id = trace_id;
+                }
             }
             Incoming::Delta { id } if id == self.msg_id => {
                 self.first_delta.get_or_insert(elapsed);
@@ -255,6 +219,7 @@ impl ProbeTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use colloquy_core::labels::LabelValue;
 
     const ACK: Duration = Duration::from_secs(5);
     const ANSWER: Duration = Duration::from_secs(30);
@@ -291,6 +256,8 @@ mod tests {
             ms(70),
         ));
         assert_eq!(r.outcome, Outcome::Success);
+        assert_eq!(r.msg_id.as_deref(), Some("p1"));
+        assert_eq!(r.trace_id.as_deref(), Some("abc"));
         assert_eq!(r.ack, Some(ms(10)));
         assert_eq!(r.first_delta, Some(ms(50)));
         assert_eq!(r.answer, Some(ms(70)));
@@ -326,6 +293,12 @@ mod tests {
         assert_eq!(t.on_tick(ms(4_999)), Progress::Pending);
         let r = finished(t.on_tick(ACK));
         assert_eq!(r.outcome, Outcome::NoAck);
+        assert_eq!(
+            r.msg_id.as_deref(),
+            Some("p1"),
+            "a failure names its message"
+        );
+        assert_eq!(r.trace_id, None);
         assert!(r.latencies().is_empty());
     }
 
@@ -341,6 +314,11 @@ mod tests {
         assert_eq!(t.on_tick(ms(10_000)), Progress::Pending);
         let r = finished(t.on_tick(ANSWER));
         assert_eq!(r.outcome, Outcome::NoAnswer);
+        assert_eq!(
+            r.trace_id.as_deref(),
+            Some("t"),
+            "a failure names its trace"
+        );
         assert_eq!(r.ack, Some(ms(8)));
         assert_eq!(r.answer, None);
     }

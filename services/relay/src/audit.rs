@@ -10,7 +10,7 @@ use std::time::Duration;
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
-use colloquy_core::metrics as m;
+use crate::events::{AuditRead, AuditReadFailed};
 
 /// Size of the audit set and age of its oldest member at `now_ms`.
 ///
@@ -37,15 +37,12 @@ pub async fn read(
 pub async fn report(redis: Pool, key: String, every: Duration, shutdown: CancellationToken) {
     loop {
         match read(&redis, &key, colloquy_core::now_ms()).await {
-            Ok((count, age)) => {
-                metrics::gauge!(m::UNANSWERED).set(count as f64);
-                metrics::gauge!(m::UNANSWERED_OLDEST_AGE).set(age.as_secs_f64());
+            Ok((count, age)) => AuditRead {
+                unanswered: count,
+                oldest_age: age,
             }
-            Err(e) => {
-                metrics::counter!(m::REDIS_ERRORS, "service" => "relay", "op" => "audit")
-                    .increment(1);
-                tracing::debug!(error = %e, "audit not read");
-            }
+            .emit(),
+            Err(e) => AuditReadFailed { error: &e }.emit(),
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -12,6 +12,7 @@
 pub mod audit;
 pub mod config;
 pub mod deliver;
+pub mod events;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,16 +29,18 @@ use tokio_util::sync::CancellationToken;
 
 use colloquy_core::config::{KafkaConfig, RedisConfig};
 use colloquy_core::dead_letter::DeadLetters;
+use colloquy_core::events::ConsumeFailed;
 use colloquy_core::kafka::{Membership, ObservedContext};
 use colloquy_core::names::Names;
 use colloquy_core::offset_gaps::GapDetector;
 use colloquy_core::records::headers;
 use colloquy_core::retry::{RetryError, RetryPolicy, redis_class};
 use colloquy_core::semconv::Consumed;
-use colloquy_core::{kafka, metrics as m, now_ms};
+use colloquy_core::{kafka, now_ms};
 
 use crate::config::RelayConfig;
 use crate::deliver::{Decoded, InboxLimits, Written};
+use crate::events::{BatchRelayed, DeliverFailed, RecordDeadLettered, Relayed};
 
 /// Everything the relay needs to start.
 #[derive(Clone, Debug)]
@@ -86,12 +89,12 @@ impl Application {
             redis,
             names,
         } = settings;
-        colloquy_core::metrics::record_build_info("relay");
+        colloquy_core::metrics::record_build_info(events::SERVICE);
         if let Err(e) = kafka::ensure_topics(&kcfg, &names.all_topics()).await {
             tracing::warn!(error = %e, "could not ensure topics at start");
         }
         let topic = names.responses_topic();
-        let producer = kafka::producer(&kcfg, "relay").context("Kafka producer")?;
+        let producer = kafka::producer(&kcfg, events::SERVICE).context("Kafka producer")?;
         kafka::require_topics(
             &producer,
             &kcfg.bootstrap_servers,
@@ -100,7 +103,7 @@ impl Application {
         )
         .await
         .context("refusing to start")?;
-        let consumer = kafka::consumer(&kcfg, "relay", &cfg.group, &[&topic])
+        let consumer = kafka::consumer(&kcfg, events::SERVICE, &cfg.group, &[&topic])
             .await
             .context("Kafka consumer")?;
         let membership = consumer.context().membership();
@@ -125,7 +128,7 @@ impl Application {
             dead_letters: DeadLetters::new(
                 producer.clone(),
                 names.responses_dlq_topic(),
-                "relay",
+                events::SERVICE,
                 kcfg.produce_timeout(),
             ),
             rejoin_after: Duration::from_secs(kcfg.rejoin_after_secs.max(1)),
@@ -196,7 +199,7 @@ impl Application {
                     () = shutdown.cancelled() => break,
                     _ = stall_check.tick() => {
                         kafka::heal_stalled(
-                            "relay",
+                            events::SERVICE,
                             &*self.consumer,
                             &mut gaps,
                             &self.topic,
@@ -209,9 +212,11 @@ impl Application {
                 match first {
                     Ok(m) => self.admit(&mut gaps, m, &mut batch),
                     Err(e) => {
-                        metrics::counter!(m::KAFKA_ERRORS, "service" => "relay", "op" => "consume")
-                            .increment(1);
-                        tracing::warn!(error = %e, "consume error");
+                        ConsumeFailed {
+                            service: events::SERVICE,
+                            error: &e,
+                        }
+                        .emit();
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -322,11 +327,13 @@ impl Application {
             {
                 Ok(w) => break w,
                 Err(e) => {
-                    metrics::counter!(m::REDIS_ERRORS, "service" => "relay", "op" => "deliver")
-                        .increment(1);
-                    if retry.is_multiple_of(20) {
-                        tracing::warn!(error = %e, class = ?redis_class(&e), records = items.len(), "Redis write failed; retrying the batch");
+                    DeliverFailed {
+                        retry,
+                        records: items.len(),
+                        class: redis_class(&e),
+                        error: &e,
                     }
+                    .emit();
                     if e.details().contains("NOSCRIPT") {
                         let _ = self.script.load(self.redis.next()).await;
                     }
@@ -368,18 +375,22 @@ impl Application {
                 }
             }
             if let Some(span) = d.span {
-                metrics::histogram!(m::STAGE_LATENCY, "stage" => "relay")
-                    .record((now_ms() - enqueued).max(0) as f64 / 1000.0);
+                let latency = u64::try_from(now_ms() - enqueued).unwrap_or(0);
+                span.in_scope(|| {
+                    Relayed {
+                        latency: Duration::from_millis(latency),
+                    }
+                    .emit();
+                });
                 drop(span);
             }
         }
-        metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "delivered")
-            .increment(new);
-        metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "delta")
-            .increment(deltas);
-        if dup > 0 {
-            metrics::counter!(m::DUPLICATES, "service" => "relay").increment(dup);
+        BatchRelayed {
+            delivered: new,
+            deltas,
+            duplicates: dup,
         }
+        .emit();
         true
     }
 
@@ -392,8 +403,12 @@ impl Application {
         reason: &str,
         stop: &CancellationToken,
     ) -> bool {
-        metrics::counter!(m::MESSAGES, "service" => "relay", "outcome" => "dead_lettered")
-            .increment(1);
+        RecordDeadLettered {
+            partition: msg.partition(),
+            offset: msg.offset(),
+            reason,
+        }
+        .emit();
         let headers = msg.headers().map(|h| h.detach()).unwrap_or_default();
         match self
             .dead_letters
