@@ -2,7 +2,7 @@
 # The one command that runs every Colloquy test:
 #   1. scripts/install-deps.sh      (Debian packages, tansu)
 #   2. infra/images/build.sh        (local FROM-scratch images for tansu and redis, when Docker works)
-#   3. cargo fmt --check, cargo machete, cargo clippy -D warnings, cargo build --bins (the chaos
+#   3. cargo fmt --check, cargo machete, cargo clippy -D warnings, cargo doc -D warnings, cargo build --bins (the chaos
 #      suites run them) and cargo test --workspace (the testkit uses containers or local
 #      processes: COLLOQUY_TESTKIT), the soak's CI form on release binaries (25,000 messages at
 #      1,000 msg/s through four faults), FUZZ_SECS (60) seconds of the gateway's fuzz target
@@ -62,6 +62,9 @@ cargo machete
 
 log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+
+log "cargo doc -D warnings (rustdoc lints: broken and private intra-doc links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace
 
 # The chaos suites run the real binaries (gateway, ai-consumer, relay, fake-llm).
 log "cargo build --workspace --bins"

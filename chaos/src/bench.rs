@@ -128,7 +128,7 @@ pub struct BenchRow {
     pub max_in_flight: usize,
     pub llm_bound: Option<f64>,
     pub load: LoadReport,
-    /// Cores used while sending, per process of [`MEASURED`] (absent: not running) and, last,
+    /// Cores used while sending, per process of `MEASURED` (absent: not running) and, last,
     /// this process (the load generator).
     pub cpu: Vec<(String, Option<f64>)>,
 }

@@ -10,7 +10,7 @@
 //! - [`scenarios`]: the scenarios and their run loop;
 //! - [`report`]: what a scenario found ([`ScenarioReport`]) and its table line;
 //! - [`soak`]: open-loop load for a long while with faults on a schedule, and its verdict;
-//! - [`bench`]: the benchmark matrix (rates × LLM latency × `MAX_IN_FLIGHT`) with CPU per process;
+//! - [`bench`](mod@bench): the benchmark matrix (rates × LLM latency × `MAX_IN_FLIGHT`) with CPU per process;
 //! - [`cpu`]: CPU time of processes from `/proc`.
 
 pub mod bench;

@@ -7,7 +7,7 @@ use criterion::{Criterion, Throughput};
 
 use colloquy_core::backoff::Backoff;
 
-pub fn benches(c: &mut Criterion) {
+pub(crate) fn benches(c: &mut Criterion) {
     // The ai-consumer's defaults: 500 ms base, 20 s cap, 7 attempts.
     let backoff = Backoff {
         base: Duration::from_millis(500),

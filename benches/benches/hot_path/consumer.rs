@@ -68,7 +68,7 @@ fn lanes(c: &mut Criterion) {
     g.finish();
 }
 
-pub fn benches(c: &mut Criterion) {
+pub(crate) fn benches(c: &mut Criterion) {
     offsets(c);
     lanes(c);
 }

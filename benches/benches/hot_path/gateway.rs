@@ -7,7 +7,7 @@ use criterion::{Criterion, Throughput};
 
 use colloquy_gateway::rate_limit::Gcra;
 
-pub fn benches(c: &mut Criterion) {
+pub(crate) fn benches(c: &mut Criterion) {
     // The default: 10 messages per 60 s.
     let gcra = Gcra::per_period(10, Duration::from_secs(60));
     let mut g = c.benchmark_group("gateway");

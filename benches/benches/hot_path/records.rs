@@ -83,7 +83,7 @@ where
     g.finish();
 }
 
-pub fn benches(c: &mut Criterion) {
+pub(crate) fn benches(c: &mut Criterion) {
     encode_decode(c, "IncomingRecord", &incoming());
     encode_decode(c, "ResponseRecord/delta", &response(delta()));
     encode_decode(c, "ResponseRecord/final", &response(final_answer()));

@@ -12,12 +12,12 @@ use colloquy_core::wire::{ClientFrame, ServerFrame};
 const MAX_CONTENT_BYTES: usize = 16_384;
 
 /// A typical chat message with a client idempotency key and the original protocol's userid.
-pub const MESSAGE: &str = r#"{"type":"message","content":"Can you explain how Kafka consumer groups rebalance when a new consumer joins, and what happens to in-flight messages?","id":"web-7f3a9c2e-0042","userid":"alice_01"}"#;
+pub(crate) const MESSAGE: &str = r#"{"type":"message","content":"Can you explain how Kafka consumer groups rebalance when a new consumer joins, and what happens to in-flight messages?","id":"web-7f3a9c2e-0042","userid":"alice_01"}"#;
 const RESUME: &str = r#"{"type":"resume","after":"1767225600123-0"}"#;
 const INVALID: &str = r#"{"type":"message","content":"unterminated"#;
 
 /// A complete answer of about 800 bytes, as a client receives it.
-pub fn response_frame() -> ServerFrame {
+pub(crate) fn response_frame() -> ServerFrame {
     ServerFrame::Response {
         id: "web-7f3a9c2e-0042".into(),
         event_id: "1767225600123-0".into(),
@@ -28,7 +28,7 @@ pub fn response_frame() -> ServerFrame {
 }
 
 /// About 800 bytes of model output with a quote and a newline, so escaping is exercised.
-pub fn answer() -> String {
+pub(crate) fn answer() -> String {
     "When a consumer joins, the group coordinator starts a rebalance: every member rejoins, \
      the leader assigns partitions and each member resumes from the committed offset.\n\
      Messages that were \"in flight\" on a revoked partition are delivered again to the new owner, \
@@ -36,7 +36,7 @@ pub fn answer() -> String {
         .repeat(2)
 }
 
-pub fn benches(c: &mut Criterion) {
+pub(crate) fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("wire");
     g.throughput(Throughput::Elements(1));
     g.bench_function("ClientFrame::parse/message", |b| {

@@ -161,7 +161,7 @@ impl Claims {
         script: usize,
         key: String,
         args: Vec<String>,
-    ) -> Result<R, fred::error::Error> {
+    ) -> Result<R, Error> {
         let client = self.redis.next();
         self.scripts[script]
             .evalsha_with_reload(client, key, args)
@@ -172,12 +172,7 @@ impl Claims {
     ///
     /// # Errors
     /// When Redis fails (the caller retries; a message is never skipped for that).
-    pub async fn claim(
-        &self,
-        user: &UserId,
-        msg_id: &str,
-        nonce: i64,
-    ) -> Result<Claim, fred::error::Error> {
+    pub async fn claim(&self, user: &UserId, msg_id: &str, nonce: i64) -> Result<Claim, Error> {
         let key = self.names.done_key(user, msg_id);
         let take_over = !self.working().contains(&key);
         let state: String = self
@@ -207,7 +202,7 @@ impl Claims {
     ///
     /// # Errors
     /// When Redis fails.
-    pub async fn renew(&self, user: &UserId, msg_id: &str) -> Result<bool, fred::error::Error> {
+    pub async fn renew(&self, user: &UserId, msg_id: &str) -> Result<bool, Error> {
         let held: i64 = self
             .eval(
                 1,
@@ -223,7 +218,7 @@ impl Claims {
     ///
     /// # Errors
     /// When Redis fails (the lease then simply expires).
-    pub async fn release(&self, user: &UserId, msg_id: &str) -> Result<bool, fred::error::Error> {
+    pub async fn release(&self, user: &UserId, msg_id: &str) -> Result<bool, Error> {
         let key = self.names.done_key(user, msg_id);
         self.working().remove(&key);
         let held: i64 = self.eval(2, key, vec![self.lease_value.clone()]).await?;
@@ -241,7 +236,7 @@ impl Claims {
         msg_id: &str,
         nonce: i64,
         outcome: Outcome,
-    ) -> Result<bool, fred::error::Error> {
+    ) -> Result<bool, Error> {
         let key = self.names.done_key(user, msg_id);
         let value = match outcome {
             Outcome::Answered => format!("D|{nonce}"),

@@ -33,7 +33,7 @@ impl Memory {
     ///
     /// # Errors
     /// When Redis fails.
-    pub async fn recent(&self, user: &UserId) -> Result<Vec<Turn>, fred::error::Error> {
+    pub async fn recent(&self, user: &UserId) -> Result<Vec<Turn>, Error> {
         if self.turns == 0 {
             return Ok(Vec::new());
         }
@@ -52,12 +52,7 @@ impl Memory {
     ///
     /// # Errors
     /// When Redis fails.
-    pub async fn append(
-        &self,
-        user: &UserId,
-        question: &str,
-        answer: &str,
-    ) -> Result<(), fred::error::Error> {
+    pub async fn append(&self, user: &UserId, question: &str, answer: &str) -> Result<(), Error> {
         if self.turns == 0 {
             return Ok(());
         }

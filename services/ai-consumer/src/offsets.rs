@@ -106,7 +106,7 @@ mod tests {
         fn never_passes_unfinished_work(order in Just((0i64..40).collect::<Vec<_>>()).prop_shuffle()) {
             let mut t = OffsetTracker::default();
             for o in 0..40 { t.start(3, o); }
-            let mut done = std::collections::BTreeSet::new();
+            let mut done = BTreeSet::new();
             let mut last = None;
             for o in order {
                 done.insert(o);

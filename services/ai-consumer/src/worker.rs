@@ -110,7 +110,7 @@ impl std::fmt::Debug for Worker {
     }
 }
 
-/// The script that reads a stored answer back (for [`Worker::stored_answer`]).
+/// The script that reads a stored answer back (for `Worker::stored_answer`).
 #[must_use]
 pub fn stored_answer_script() -> Script {
     Script::from_lua(STORED_ANSWER_LUA)
@@ -393,7 +393,7 @@ impl Worker {
     }
 
     /// The durable body stored for the earlier send of `r`'s message id.
-    async fn stored_answer(&self, r: &IncomingRecord) -> Result<Stored, fred::error::Error> {
+    async fn stored_answer(&self, r: &IncomingRecord) -> Result<Stored, Error> {
         let Some(nonce) = self.previous_nonce(r).await? else {
             return Ok(Stored::Gone);
         };
@@ -413,7 +413,7 @@ impl Worker {
         })
     }
 
-    async fn previous_nonce(&self, r: &IncomingRecord) -> Result<Option<i64>, fred::error::Error> {
+    async fn previous_nonce(&self, r: &IncomingRecord) -> Result<Option<i64>, Error> {
         let value: Option<String> = self
             .redis
             .get(self.names.done_key(&r.userid, &r.msg_id))
@@ -473,14 +473,10 @@ impl Worker {
     }
 
     /// Runs a Redis operation with the shared retry policy, counting every failure.
-    async fn redis_retrying<T, F, Fut>(
-        &self,
-        op: RedisOp,
-        f: F,
-    ) -> Result<T, RetryError<fred::error::Error>>
+    async fn redis_retrying<T, F, Fut>(&self, op: RedisOp, f: F) -> Result<T, RetryError<Error>>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, fred::error::Error>>,
+        Fut: Future<Output = Result<T, Error>>,
     {
         retry(
             RetryPolicy::UNTIL_SHUTDOWN,

@@ -42,7 +42,7 @@ pub enum KafkaSetupError {
     Client {
         what: &'static str,
         servers: String,
-        source: rdkafka::error::KafkaError,
+        source: KafkaError,
     },
     #[error("cannot create topic {topic}: {reason}")]
     Topic { topic: String, reason: String },
@@ -439,7 +439,7 @@ impl ConsumerContext for ObservedContext {
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &rdkafka::TopicPartitionList) {
         match result {
             Ok(()) => tracing::trace!(service = self.service, ?offsets, "offsets committed"),
-            Err(rdkafka::error::KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => CommitFailed {
                 service: self.service,
                 error: &e,

@@ -13,15 +13,9 @@ use crate::config::RedisConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSetupError {
     #[error("invalid REDIS_URL {url}: {source}")]
-    Url {
-        url: String,
-        source: fred::error::Error,
-    },
+    Url { url: String, source: Error },
     #[error("cannot build Redis client for {url}: {source}")]
-    Build {
-        url: String,
-        source: fred::error::Error,
-    },
+    Build { url: String, source: Error },
 }
 
 /// `url` with its password replaced by `***`, for logs and error messages.

@@ -120,12 +120,7 @@ async fn write(
     }
 }
 
-async fn add(
-    redis: &Pool,
-    script: &Script,
-    key: &str,
-    batch: &[Entry],
-) -> Result<(), fred::error::Error> {
+async fn add(redis: &Pool, script: &Script, key: &str, batch: &[Entry]) -> Result<(), Error> {
     let client = redis.next();
     let pipe = client.pipeline();
     for e in batch {

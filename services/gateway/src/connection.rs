@@ -1016,7 +1016,7 @@ mod tests {
         conn: Connection,
         inbox: Vec<u64>,
         next: u64,
-        queue: std::collections::VecDeque<Queued>,
+        queue: VecDeque<Queued>,
         gap: bool,
         read: Option<(EventId, u64)>,
         written: Vec<u64>,
@@ -1172,7 +1172,7 @@ mod tests {
             events in proptest::collection::vec(event(), 0..200),
         ) {
             let (mut conn, _) = Connection::open(limits(), USER, id(0), None, Some(u64::MAX), 0);
-            let mut seen = std::collections::HashSet::new();
+            let mut seen = HashSet::new();
             let mut now = 0;
             for e in events {
                 let actions = match e {
@@ -1205,7 +1205,7 @@ mod tests {
                 conn,
                 inbox,
                 next: history,
-                queue: std::collections::VecDeque::new(),
+                queue: VecDeque::new(),
                 gap: false,
                 read: None,
                 written: Vec::new(),

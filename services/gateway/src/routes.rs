@@ -261,7 +261,7 @@ mod tests {
         let kafka = KafkaConfig::local("127.0.0.1:1");
         let redis = RedisConfig::local("redis://127.0.0.1:1");
         let names = Names::default();
-        let producer = colloquy_core::kafka::producer(&kafka, "test").unwrap();
+        let producer = kafka::producer(&kafka, "test").unwrap();
         let pool = colloquy_core::redis::pool(&redis).await.unwrap();
         let sub = colloquy_core::redis::subscriber(&redis).await.unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();

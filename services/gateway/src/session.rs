@@ -267,7 +267,7 @@ fn unix_ms() -> u64 {
 }
 
 /// Sends a close frame, then reads (and discards) until the peer answers with its own close or
-/// goes away, at most [`CLOSE_LINGER`]: the close frame is always delivered before the TCP
+/// goes away, at most `CLOSE_LINGER`: the close frame is always delivered before the TCP
 /// connection ends.
 pub async fn close_and_linger<S, R>(sink: &mut S, stream: &mut R, code: u16, reason: &str)
 where

@@ -16,11 +16,7 @@ use crate::events::{AuditRead, AuditReadFailed};
 ///
 /// # Errors
 /// When Redis fails.
-pub async fn read(
-    redis: &Pool,
-    key: &str,
-    now_ms: i64,
-) -> Result<(u64, Duration), fred::error::Error> {
+pub async fn read(redis: &Pool, key: &str, now_ms: i64) -> Result<(u64, Duration), Error> {
     let client = redis.next();
     let pipe = client.pipeline();
     let _: () = pipe.zcard(key).await?;

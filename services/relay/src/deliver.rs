@@ -126,7 +126,7 @@ pub enum Written {
     /// Stored (durable, `true` when new rather than a redelivered duplicate) or published.
     Ok { new: bool },
     /// Refused for this item only (a permanent error, e.g. a key of the wrong type).
-    Refused(fred::error::Error),
+    Refused(Error),
 }
 
 /// Limits applied to every inbox.
@@ -148,7 +148,7 @@ pub async fn write(
     audit_key: &str,
     limits: &InboxLimits,
     items: &[&Item],
-) -> Result<Vec<Written>, fred::error::Error> {
+) -> Result<Vec<Written>, Error> {
     if items.is_empty() {
         return Ok(Vec::new());
     }
@@ -189,7 +189,7 @@ pub async fn write(
             }
         }
     }
-    let results: Vec<Result<Value, fred::error::Error>> = pipe.try_all().await;
+    let results: Vec<Result<Value, Error>> = pipe.try_all().await;
     let mut out = Vec::with_capacity(items.len());
     for (item, result) in items.iter().zip(results) {
         match result {
