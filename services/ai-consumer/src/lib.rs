@@ -30,10 +30,8 @@ use tokio_util::task::TaskTracker;
 
 use colloquy_core::config::{KafkaConfig, RedisConfig};
 use colloquy_core::dead_letter::DeadLetters;
-use colloquy_core::events::ConsumeFailed;
-use colloquy_core::kafka::{Membership, ObservedContext};
+use colloquy_core::kafka::{Membership, ObservedContext, TopicReader};
 use colloquy_core::names::Names;
-use colloquy_core::offset_gaps::GapDetector;
 use colloquy_core::records::{IncomingRecord, headers};
 use colloquy_core::retry::RetryError;
 use colloquy_core::{kafka, now_ms};
@@ -208,10 +206,8 @@ impl Application {
         let lanes: Arc<Lanes<Job>> = Arc::new(Lanes::default());
         let progress = Arc::new(Notify::new());
         let tasks = TaskTracker::new();
-        let mut gaps = GapDetector::default();
-        let mut generation = None;
+        let mut reader = TopicReader::new(self.incoming_topic.clone());
         let mut paused = false;
-        let mut stall_check = tokio::time::interval(kafka::STALL_CHECK);
         tokio::spawn(kafka::rejoin_when_idle(
             Arc::clone(&self.consumer),
             vec![self.incoming_topic.clone()],
@@ -222,9 +218,7 @@ impl Application {
         loop {
             // A rebalance: per-partition state of what we no longer hold is forgotten, and
             // reading restarts from committed offsets (a rewind, never a gap).
-            if Some(self.membership.generation()) != generation {
-                generation = Some(self.membership.generation());
-                kafka::reset_gaps(&mut gaps, &self.membership, &self.incoming_topic);
+            if reader.rebalanced(&self.membership) {
                 let held = self.membership.partitions(&self.incoming_topic);
                 lock(&tracker).retain(|p| held.contains(&p));
                 paused = false;
@@ -237,40 +231,14 @@ impl Application {
                 paused = !self.pause(false);
             }
             let msg = tokio::select! {
-                () = shutdown.cancelled() => break,
                 () = progress.notified(), if paused => continue,
-                _ = stall_check.tick(), if !paused => {
-                    kafka::heal_stalled(
-                        events::SERVICE,
-                        &*self.consumer,
-                        &mut gaps,
-                        &self.incoming_topic,
-                        &self.membership.fetch_states(&self.incoming_topic),
-                    );
-                    continue;
-                }
-                m = self.consumer.recv() => m,
-            };
-            let msg = match msg {
-                Ok(m) => m,
-                Err(e) => {
-                    ConsumeFailed {
-                        service: events::SERVICE,
-                        error: &e,
-                    }
-                    .emit();
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+                m = reader.next(&self.consumer, !paused, &shutdown) => match m {
+                    Some(m) => m,
+                    None => break,
+                },
             };
             let (partition, offset) = (msg.partition(), msg.offset());
-            if !kafka::admit_offset(
-                &*self.consumer,
-                &mut gaps,
-                &self.incoming_topic,
-                partition,
-                offset,
-            ) {
+            if !reader.admit(&*self.consumer, partition, offset) {
                 continue;
             }
             lock(&tracker).start(partition, offset);

@@ -19,7 +19,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
@@ -28,7 +28,8 @@ use rdkafka::util::Timeout;
 
 use crate::config::{Assignment, KafkaConfig};
 use crate::events::{
-    CommitFailed, ConsumerLag, GapSeen, GroupRejoined, OffsetGap, PartitionsAssigned, ProduceFailed,
+    CommitFailed, ConsumeFailed, ConsumerLag, GapSeen, GroupRejoined, OffsetGap,
+    PartitionsAssigned, ProduceFailed,
 };
 use crate::labels::KafkaOp;
 use crate::metrics as m;
@@ -487,6 +488,89 @@ pub async fn rejoin_when_idle<C>(
             }
             Some(_) => {}
         }
+    }
+}
+
+/// What both consume loops (ai-consumer, relay) keep around `recv()` for one topic: offset-gap
+/// state restarted at every rebalance, the periodic stall check, and a pause after a consume
+/// error, so neither loop repeats them.
+#[derive(Debug)]
+pub struct TopicReader {
+    topic: String,
+    gaps: GapDetector,
+    generation: Option<u64>,
+    stall_check: tokio::time::Interval,
+}
+
+impl TopicReader {
+    /// A reader of `topic`; its first [`TopicReader::rebalanced`] is `true`.
+    #[must_use]
+    pub fn new(topic: impl Into<String>) -> Self {
+        Self {
+            topic: topic.into(),
+            gaps: GapDetector::default(),
+            generation: None,
+            stall_check: tokio::time::interval(STALL_CHECK),
+        }
+    }
+
+    /// The topic read.
+    #[must_use]
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Whether the assignment changed since the last call; if so, gap detection restarts from
+    /// the new assignment's start offsets (a rewind, never a gap).
+    pub fn rebalanced(&mut self, membership: &Membership) -> bool {
+        let generation = membership.generation();
+        if self.generation == Some(generation) {
+            return false;
+        }
+        self.generation = Some(generation);
+        reset_gaps(&mut self.gaps, membership, &self.topic);
+        true
+    }
+
+    /// The next record, `None` at shutdown. While waiting, every [`STALL_CHECK`] it seeks back
+    /// on partitions whose reading stalled (when `heal`: not while the loop holds the
+    /// partitions paused); a consume error is logged and followed by a 100 ms pause.
+    pub async fn next<'c>(
+        &mut self,
+        consumer: &'c StreamConsumer<ObservedContext>,
+        heal: bool,
+        shutdown: &CancellationToken,
+    ) -> Option<BorrowedMessage<'c>> {
+        let service = consumer.context().service;
+        loop {
+            let received = tokio::select! {
+                () = shutdown.cancelled() => return None,
+                _ = self.stall_check.tick(), if heal => {
+                    let states = consumer.context().membership.fetch_states(&self.topic);
+                    heal_stalled(service, consumer, &mut self.gaps, &self.topic, &states);
+                    continue;
+                }
+                m = consumer.recv() => m,
+            };
+            match received {
+                Ok(m) => return Some(m),
+                Err(e) => {
+                    ConsumeFailed { service, error: &e }.emit();
+                    tokio::select! {
+                        () = shutdown.cancelled() => return None,
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether to process the record at `partition`/`offset` ([`admit_offset`]).
+    pub fn admit<C>(&mut self, consumer: &C, partition: i32, offset: i64) -> bool
+    where
+        C: Consumer<ObservedContext>,
+    {
+        admit_offset(consumer, &mut self.gaps, &self.topic, partition, offset)
     }
 }
 

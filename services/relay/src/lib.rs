@@ -29,10 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use colloquy_core::config::{KafkaConfig, RedisConfig};
 use colloquy_core::dead_letter::DeadLetters;
-use colloquy_core::events::ConsumeFailed;
-use colloquy_core::kafka::{Membership, ObservedContext};
+use colloquy_core::kafka::{Membership, ObservedContext, TopicReader};
 use colloquy_core::names::Names;
-use colloquy_core::offset_gaps::GapDetector;
 use colloquy_core::records::headers;
 use colloquy_core::retry::{RetryError, RetryPolicy, redis_class};
 use colloquy_core::semconv::Consumed;
@@ -184,48 +182,21 @@ impl Application {
             });
         }
         tracing::info!(topic = %self.topic, "relay running");
-        let mut gaps = GapDetector::default();
-        let mut generation = None;
+        let mut reader = TopicReader::new(self.topic.clone());
         let mut held: Vec<BorrowedMessage<'_>> = Vec::new();
-        let mut stall_check = tokio::time::interval(kafka::STALL_CHECK);
         loop {
-            if Some(self.membership.generation()) != generation {
-                generation = Some(self.membership.generation());
-                kafka::reset_gaps(&mut gaps, &self.membership, &self.topic);
-            }
+            reader.rebalanced(&self.membership);
             let mut batch = std::mem::take(&mut held);
             if batch.is_empty() {
-                let first = tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    _ = stall_check.tick() => {
-                        kafka::heal_stalled(
-                            events::SERVICE,
-                            &*self.consumer,
-                            &mut gaps,
-                            &self.topic,
-                            &self.membership.fetch_states(&self.topic),
-                        );
-                        continue;
-                    }
-                    m = self.consumer.recv() => m,
+                let Some(first) = reader.next(&self.consumer, true, &shutdown).await else {
+                    break;
                 };
-                match first {
-                    Ok(m) => self.admit(&mut gaps, m, &mut batch),
-                    Err(e) => {
-                        ConsumeFailed {
-                            service: events::SERVICE,
-                            error: &e,
-                        }
-                        .emit();
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                }
+                self.admit(&mut reader, first, &mut batch);
             }
             // Take whatever else is already fetched, without waiting.
             while batch.len() < self.cfg.batch_max {
                 match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
-                    Ok(Ok(m)) => self.admit(&mut gaps, m, &mut batch),
+                    Ok(Ok(m)) => self.admit(&mut reader, m, &mut batch),
                     _ => break,
                 }
             }
@@ -233,7 +204,7 @@ impl Application {
                 continue;
             }
             if !self
-                .relay_batch(&batch, &batch_stop, &mut gaps, &mut held)
+                .relay_batch(&batch, &batch_stop, &mut reader, &mut held)
                 .await
             {
                 break;
@@ -255,17 +226,11 @@ impl Application {
     /// Adds `msg` to `batch` unless its offset jumped (then the partition is re-read).
     fn admit<'a>(
         &self,
-        gaps: &mut GapDetector,
+        reader: &mut TopicReader,
         msg: BorrowedMessage<'a>,
         batch: &mut Vec<BorrowedMessage<'a>>,
     ) {
-        if kafka::admit_offset(
-            &*self.consumer,
-            gaps,
-            &self.topic,
-            msg.partition(),
-            msg.offset(),
-        ) {
+        if reader.admit(&*self.consumer, msg.partition(), msg.offset()) {
             batch.push(msg);
         }
     }
@@ -277,7 +242,7 @@ impl Application {
         &'a self,
         batch: &[BorrowedMessage<'a>],
         stop: &CancellationToken,
-        gaps: &mut GapDetector,
+        reader: &mut TopicReader,
         held: &mut Vec<BorrowedMessage<'a>>,
     ) -> bool {
         let now = now_ms();
@@ -350,7 +315,7 @@ impl Application {
                             () = &mut waited => break,
                             () = stop.cancelled() => return false,
                             m = self.consumer.recv() => match m {
-                                Ok(m) => self.admit(gaps, m, held),
+                                Ok(m) => self.admit(reader, m, held),
                                 Err(e) => tracing::debug!(error = %e, "consume error while paused"),
                             },
                         }
