@@ -239,7 +239,7 @@ impl OffsetGap<'_> {
             self.seek_to,
         );
         match self.seen {
-            GapSeen::Jumped { got } => tracing::error!(
+            GapSeen::Jumped { got } => tracing::warn!(
                 service,
                 topic,
                 partition,
@@ -248,7 +248,7 @@ impl OffsetGap<'_> {
                 seek_to,
                 "offset gap: records skipped by the fetch; seeking back"
             ),
-            GapSeen::Stalled { high_watermark } => tracing::error!(
+            GapSeen::Stalled { high_watermark } => tracing::warn!(
                 service,
                 topic,
                 partition,
@@ -260,6 +260,34 @@ impl OffsetGap<'_> {
         }
         metrics::counter!(m::OFFSET_GAPS, "service" => service, "topic" => topic.to_owned())
             .increment(1);
+    }
+}
+
+/// An offset gap that repeated seeks did not heal: the records are gone from the broker and the
+/// consumer goes on past them.
+#[derive(Debug)]
+pub struct RecordsLost<'a> {
+    pub service: &'static str,
+    pub topic: &'a str,
+    pub partition: i32,
+    /// The first offset that never came.
+    pub expected: i64,
+    /// How many offsets are missing.
+    pub missing: i64,
+}
+
+impl RecordsLost<'_> {
+    pub fn emit(&self) {
+        tracing::error!(
+            service = self.service,
+            topic = self.topic,
+            partition = self.partition,
+            expected = self.expected,
+            missing = self.missing,
+            "offset gap persists after repeated seeks; records are gone from the broker"
+        );
+        metrics::counter!(m::RECORDS_LOST, "service" => self.service, "topic" => self.topic.to_owned())
+            .increment(u64::try_from(self.missing).unwrap_or(0));
     }
 }
 

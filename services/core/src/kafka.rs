@@ -29,7 +29,7 @@ use rdkafka::util::Timeout;
 use crate::config::{Assignment, KafkaConfig};
 use crate::events::{
     CommitFailed, ConsumeFailed, ConsumerLag, GapSeen, GroupRejoined, OffsetGap,
-    PartitionsAssigned, ProduceFailed,
+    PartitionsAssigned, ProduceFailed, RecordsLost,
 };
 use crate::labels::KafkaOp;
 use crate::metrics as m;
@@ -105,6 +105,7 @@ pub async fn consumer(
 ) -> Result<StreamConsumer<ObservedContext>, KafkaSetupError> {
     for topic in topics {
         m::register_topic_series(m::OFFSET_GAPS, service, topic);
+        m::register_topic_series(m::RECORDS_LOST, service, topic);
     }
     let mut config = base_config(cfg);
     if let (Some(id), Assignment::Group) = (&cfg.group_instance_id, cfg.assignment) {
@@ -630,14 +631,14 @@ where
             false
         }
         Verdict::GapAccepted { expected, missing } => {
-            tracing::error!(
+            RecordsLost {
                 service,
                 topic,
                 partition,
                 expected,
                 missing,
-                "offset gap persists after repeated seeks; records are gone from the broker"
-            );
+            }
+            .emit();
             true
         }
     }

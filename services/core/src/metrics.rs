@@ -86,6 +86,7 @@ pub const REPLAYED: &str = "colloquy_replayed_deliveries_total";
 pub const REPLAYS_QUEUED: &str = "colloquy_replays_queued_total";
 pub const DUPLICATES: &str = "colloquy_duplicates_skipped_total";
 pub const OFFSET_GAPS: &str = "colloquy_consumer_offset_gaps_total";
+pub const RECORDS_LOST: &str = "colloquy_consumer_records_lost_total";
 pub const ASSIGNED_PARTITIONS: &str = "colloquy_consumer_assigned_partitions";
 pub const REJOINS: &str = "colloquy_consumer_rejoins_total";
 pub const UNANSWERED: &str = "colloquy_unanswered_messages";
@@ -281,7 +282,16 @@ pub const CONTRACT: &[MetricDef] = &[
         labels: &["service", "topic"],
         services: KAFKA_CONSUMERS,
         zero: Zero::PerTopic,
-        help: "Jumps in a partition's offsets seen by a consumer (healed by seeking back); any is a fault",
+        help: "Jumps in a partition's offsets seen by a consumer, each healed by seeking back (tansu 0.6's memory engine causes them under load)",
+    },
+    MetricDef {
+        name: RECORDS_LOST,
+        kind: Kind::Counter,
+        unit: "",
+        labels: &["service", "topic"],
+        services: KAFKA_CONSUMERS,
+        zero: Zero::PerTopic,
+        help: "Records a consumer gave up on: an offset gap that repeated seeks did not heal (the broker no longer has them); any is data loss",
     },
     MetricDef {
         name: ASSIGNED_PARTITIONS,
