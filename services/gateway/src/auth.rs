@@ -53,20 +53,23 @@ impl std::fmt::Debug for TokenService {
 }
 
 impl TokenService {
-    #[must_use]
-    pub fn new(secret: &SecretString, ttl_secs: u64) -> Self {
+    /// Signs and verifies HS256 tokens with `secret`.
+    ///
+    /// # Errors
+    /// When `secret` is empty (no HMAC key).
+    pub fn new(secret: &SecretString, ttl_secs: u64) -> Result<Self, jsonwebtoken::errors::Error> {
         let bytes = secret.expose_secret().as_bytes();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.set_required_spec_claims(&["exp", "sub", "iat", "iss", "aud"]);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
-        Self {
-            encoding: EncodingKey::from_secret(bytes),
-            decoding: DecodingKey::from_secret(bytes),
+        Ok(Self {
+            encoding: EncodingKey::from_secret(bytes)?,
+            decoding: DecodingKey::from_secret(bytes)?,
             validation,
             ttl_secs,
-        }
+        })
     }
 
     #[must_use]
@@ -151,7 +154,12 @@ mod tests {
     use super::*;
 
     fn svc(secret: &str) -> TokenService {
-        TokenService::new(&SecretString::from(secret), 60)
+        TokenService::new(&SecretString::from(secret), 60).unwrap()
+    }
+
+    #[test]
+    fn an_empty_secret_is_refused() {
+        assert!(TokenService::new(&SecretString::from(""), 60).is_err());
     }
 
     #[test]
@@ -183,7 +191,7 @@ mod tests {
     #[test]
     fn a_foreign_issuer_or_audience_is_refused() {
         let alice = UserId::parse("alice").unwrap();
-        let key = EncodingKey::from_secret(b"k");
+        let key = EncodingKey::from_secret(b"k").unwrap();
         let now = now_secs();
         for (iss, aud) in [("someone-else", AUDIENCE), (ISSUER, "another-api")] {
             let claims = Claims {

@@ -100,7 +100,8 @@ impl Application {
             pool.clone(),
             names.clone(),
         );
-        let tokens = TokenService::new(&gateway.auth_secret, gateway.token_ttl_secs);
+        let tokens = TokenService::new(&gateway.auth_secret, gateway.token_ttl_secs)
+            .context("AUTH_SECRET cannot be empty")?;
         let listener = TcpListener::bind(gateway.listen)
             .await
             .with_context(|| format!("cannot listen on {}", gateway.listen))?;

@@ -271,7 +271,7 @@ mod tests {
             pool.clone(),
             names.clone(),
         );
-        let tokens = TokenService::new(&cfg.auth_secret, 60);
+        let tokens = TokenService::new(&cfg.auth_secret, 60).unwrap();
         Arc::new(AppState::new(
             cfg, names, producer, pool, tokens, limiter, fanout, shutdown,
         ))

@@ -48,9 +48,11 @@ async fn bad_tokens_close_with_1008_and_a_reason() {
     let ws = app.ws_base(0);
     let alice = UserId::parse("alice").unwrap();
     let forged = TokenService::new(&SecretString::from("not-the-secret"), 60)
+        .unwrap()
         .issue(&alice)
         .unwrap();
     let expired = TokenService::new(&SecretString::from(BUILT_IN_SECRET), 60)
+        .unwrap()
         .issue_at(&alice, 1_000, 2_000)
         .unwrap();
     let bobs = app.token("bob").await.unwrap();
@@ -626,6 +628,7 @@ async fn browser_origins_must_be_allowed_outside_dev_mode() {
         .await
         .unwrap();
     let token = TokenService::new(&SecretString::from(SECRET), 60)
+        .unwrap()
         .issue(&UserId::parse("origin_user").unwrap())
         .unwrap();
     let base = app.ws_base(0);
