@@ -208,7 +208,7 @@ impl Application {
         let tasks = TaskTracker::new();
         let mut reader = TopicReader::new(self.incoming_topic.clone());
         let mut paused = false;
-        tokio::spawn(kafka::rejoin_when_idle(
+        let rejoin = tokio::spawn(kafka::rejoin_when_idle(
             Arc::clone(&self.consumer),
             vec![self.incoming_topic.clone()],
             self.rejoin_after,
@@ -361,6 +361,10 @@ impl Application {
         }
         tracing::info!("ai-consumer stopping: abandoning unfinished work");
         self.stop.cancel();
+        // The rejoin task holds the consumer too: wait for it, so the consumer is closed here,
+        // not by whichever task happens to drop it last (perhaps after the broker has gone, when
+        // librdkafka's close can wait forever).
+        let _ = rejoin.await;
         tasks.close();
         if tokio::time::timeout(self.grace, tasks.wait())
             .await

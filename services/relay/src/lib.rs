@@ -158,7 +158,7 @@ impl Application {
         if let Err(e) = self.script.load(self.redis.next()).await {
             tracing::warn!(error = %e, "delivery script not loaded yet (Redis down?); will load on first use");
         }
-        tokio::spawn(kafka::rejoin_when_idle(
+        let rejoin = tokio::spawn(kafka::rejoin_when_idle(
             Arc::clone(&self.consumer),
             vec![self.topic.clone()],
             self.rejoin_after,
@@ -212,6 +212,10 @@ impl Application {
             self.store_offsets(&batch);
         }
         self.stop.cancel();
+        // The rejoin task holds the consumer too: wait for it, so the consumer is closed here,
+        // not by whichever task happens to drop it last (perhaps after the broker has gone, when
+        // librdkafka's close can wait forever).
+        let _ = rejoin.await;
         let consumer = Arc::clone(&self.consumer);
         let producer = self.producer.clone();
         let _ = tokio::task::spawn_blocking(move || {
