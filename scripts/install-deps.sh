@@ -9,7 +9,7 @@ log() { printf '[install-deps] %s\n' "$*" >&2; }
 export PATH="${CARGO_HOME:-${HOME:-/root}/.cargo}/bin:$PATH"
 
 TANSU_VERSION="0.6.0"
-TANSU_FEATURES="libsql,dynostore"
+TANSU_FEATURES="libsql,dynostore,postgres"
 
 # Debian packages: the runtime services and what the workspace build needs
 # (rdkafka builds librdkafka from source with gcc/make/perl; libz-sys wants zlib + pkg-config).

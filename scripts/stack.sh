@@ -22,7 +22,7 @@ LOGS="$RUN/logs"
 BIN="$REPO/target/release"
 
 # Start order (down stops in reverse).
-SERVICES=(tansu redis fake-llm gateway-1 gateway-2 ai-consumer relay nginx prober alertmanager blackbox prometheus)
+SERVICES=(postgres tansu redis fake-llm gateway-1 gateway-2 ai-consumer relay nginx prober alertmanager blackbox prometheus)
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -75,6 +75,41 @@ start() {
     exec env "${envs[@]}" "$@" </dev/null >>"$LOGS/$name.log" 2>&1
   ) &
   echo $! >"$PIDS/$name.pid"
+}
+
+# PostgreSQL's server programs: the newest Debian /usr/lib/postgresql/<version>/bin, else pg_config's.
+pg_bin_dir() {
+  local d
+  d="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
+  if [ -n "$d" ] && [ -x "$d/postgres" ]; then echo "$d"; return 0; fi
+  command -v pg_config >/dev/null 2>&1 && pg_config --bindir
+}
+
+# tansu's postgres engine: a private cluster in run/postgres on 127.0.0.1:$PG_PORT (trust
+# authentication, loopback only), created on first use, with tansu's schema applied after every
+# start (infra/tansu/postgres-schema.sql, idempotent). PostgreSQL refuses to run as root: as root,
+# initdb and the server run as the `postgres` user (Debian's package creates it) through setpriv,
+# which execs, so the recorded pid is the server's.
+PG_PORT="${PG_PORT:-5433}"
+start_postgres() {
+  local pgbin dir="$RUN/postgres" as=()
+  pgbin="$(pg_bin_dir)" || die "PostgreSQL is not installed: run scripts/install-deps.sh"
+  mkdir -p "$dir"
+  if [ "$(id -u)" = 0 ]; then
+    chown -R postgres:postgres "$dir" || die "cannot hand $dir to the postgres user"
+    as=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+  fi
+  if [ ! -f "$dir/data/PG_VERSION" ]; then
+    log "initdb $dir/data (first start)"
+    "${as[@]}" "$pgbin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >>"$LOGS/postgres.log" 2>&1 \
+      || die "initdb failed; see $LOGS/postgres.log"
+  fi
+  start postgres "$dir" -- "${as[@]}" "$pgbin/postgres" -D "$dir/data" -p "$PG_PORT" -k "$dir" \
+    -c listen_addresses=127.0.0.1
+  wait_for postgres 60 "$pgbin/pg_isready" -h 127.0.0.1 -p "$PG_PORT" -U postgres
+  "$pgbin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -q \
+    -f "$REPO/infra/tansu/postgres-schema.sql" >>"$LOGS/postgres.log" 2>&1 \
+    || die "applying tansu's schema failed; see $LOGS/postgres.log"
 }
 
 need_port_free() {
@@ -178,7 +213,14 @@ cmd_up() {
       kafka_fetch_wait="${KAFKA_FETCH_WAIT_MAX_MS:-5}"
       kafka_partitions="${KAFKA_PARTITIONS:-8}"
       ;;
-    *) die "KAFKA_STORAGE must be sqlite (durable, the default) or memory, not '${KAFKA_STORAGE}'" ;;
+    postgres)
+      need_port_free "$PG_PORT" postgres
+      storage="postgres://postgres@127.0.0.1:$PG_PORT/postgres?sslmode=disable"
+      kafka_fetch_wait="${KAFKA_FETCH_WAIT_MAX_MS:-100}"
+      kafka_partitions="${KAFKA_PARTITIONS:-2}"
+      start_postgres
+      ;;
+    *) die "KAFKA_STORAGE must be postgres, sqlite or memory, not '${KAFKA_STORAGE}'" ;;
   esac
   log "Kafka storage: ${KAFKA_STORAGE:-sqlite} ($storage); consumers' fetch wait ${kafka_fetch_wait} ms, ${kafka_partitions} partitions per topic"
   start tansu "$RUN/tansu" RUST_LOG="${TANSU_LOG:-warn}" -- \

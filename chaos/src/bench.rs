@@ -30,7 +30,22 @@ pub struct BenchCase {
     pub max_in_flight: usize,
     /// Offered rates, rising.
     pub rates: Vec<f64>,
+    /// After the rates, one burst: every message of this many users at once.
+    pub burst: Option<Burst>,
 }
+
+/// `users` users sending `messages` each at the same instant (a class starting at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Burst {
+    pub users: usize,
+    pub messages: usize,
+}
+
+/// The burst of issue 13: 200 users × 10 messages at once.
+pub const CLASS_BURST: Burst = Burst {
+    users: 200,
+    messages: 10,
+};
 
 impl BenchCase {
     /// The LLM-bound ceiling, `MAX_IN_FLIGHT / latency` (none at 0 ms).
@@ -38,6 +53,15 @@ impl BenchCase {
     pub fn llm_bound(&self) -> Option<f64> {
         (self.llm_latency_ms > 0)
             .then(|| self.max_in_flight as f64 * 1_000.0 / self.llm_latency_ms as f64)
+    }
+
+    /// The ceiling of a burst: a user's messages are answered one after another (DESIGN:
+    /// per-user order), so at most `min(MAX_IN_FLIGHT, users)` calls run at once.
+    #[must_use]
+    pub fn burst_bound(&self, burst: Burst) -> Option<f64> {
+        (self.llm_latency_ms > 0).then(|| {
+            self.max_in_flight.min(burst.users) as f64 * 1_000.0 / self.llm_latency_ms as f64
+        })
     }
 }
 
@@ -65,11 +89,13 @@ impl BenchConfig {
                     llm_latency_ms: 0,
                     max_in_flight: 50,
                     rates: vec![250.0, 500.0, 1_000.0],
+                    burst: None,
                 },
                 BenchCase {
                     llm_latency_ms: 500,
                     max_in_flight: 50,
                     rates: vec![90.0],
+                    burst: Some(CLASS_BURST),
                 },
             ],
         }
@@ -87,21 +113,25 @@ impl BenchConfig {
                     llm_latency_ms: 0,
                     max_in_flight: 50,
                     rates: vec![250.0, 500.0, 1_000.0, 1_500.0, 2_000.0, 3_000.0, 4_000.0],
+                    burst: None,
                 },
                 BenchCase {
                     llm_latency_ms: 500,
                     max_in_flight: 50,
                     rates: vec![50.0, 90.0, 150.0],
+                    burst: Some(CLASS_BURST),
                 },
                 BenchCase {
                     llm_latency_ms: 500,
                     max_in_flight: 500,
                     rates: vec![500.0, 900.0, 1_500.0],
+                    burst: Some(CLASS_BURST),
                 },
                 BenchCase {
                     llm_latency_ms: 500,
                     max_in_flight: 2_000,
                     rates: vec![1_000.0, 2_000.0, 3_600.0],
+                    burst: Some(CLASS_BURST),
                 },
             ],
         }
@@ -109,7 +139,8 @@ impl BenchConfig {
 }
 
 /// The processes whose CPU is reported, in table order.
-const MEASURED: [Component; 8] = [
+const MEASURED: [Component; 9] = [
+    Component::Database,
     Component::Broker,
     Component::Redis,
     Component::Gateway(0),
@@ -127,6 +158,9 @@ pub struct BenchRow {
     pub llm_latency_ms: u64,
     pub max_in_flight: usize,
     pub llm_bound: Option<f64>,
+    /// This run was a burst, not a schedule at a rate: its figure is the answers over the time
+    /// to the last one, against [`BenchCase::burst_bound`] (in `llm_bound`).
+    pub burst: Option<Burst>,
     pub load: LoadReport,
     /// Cores used while sending, per process of `MEASURED` (absent: not running) and, last,
     /// this process (the load generator).
@@ -144,11 +178,21 @@ impl BenchRow {
 
     /// CPU-µs the stack spent per message answered while sending.
     fn cpu_us_per_message(&self) -> Option<f64> {
-        (self.load.sustained > 0.0).then(|| self.stack_cores() * 1e6 / self.load.sustained)
+        let rate = self.answered_rate();
+        (rate > 0.0).then(|| self.stack_cores() * 1e6 / rate)
     }
 
     fn saturated(&self) -> bool {
         self.load.sustained < 0.9 * self.load.offered_rate
+    }
+
+    /// Answers per second: while sending for a schedule; to the last answer for a burst.
+    fn answered_rate(&self) -> f64 {
+        if self.burst.is_some() {
+            self.load.throughput
+        } else {
+            self.load.sustained
+        }
     }
 
     #[must_use]
@@ -158,6 +202,7 @@ impl BenchRow {
             "llm_latency_ms": self.llm_latency_ms,
             "max_in_flight": self.max_in_flight,
             "llm_bound": self.llm_bound,
+            "burst": self.burst.map(|b| serde_json::json!({"users": b.users, "messages": b.messages})),
             "cpu_cores": self.cpu.iter().map(|(n, c)| (n.clone(), *c)).collect::<HashMap<_, _>>(),
             "cpu_us_per_message": self.cpu_us_per_message(),
             "load": self.load.to_json(),
@@ -184,7 +229,7 @@ pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<BenchRow>> {
         opts.consumer.max_in_flight = case.max_in_flight;
         let stack = Stack::launch(opts).await.context("bench stack")?;
         for &rate in &case.rates {
-            let row = step(cfg, case, &stack, rate).await;
+            let row = step(cfg, case, &stack, Step::Rate(rate)).await;
             eprintln!("{}", markdown_row(&row));
             let saturated = row.saturated();
             rows.push(row);
@@ -192,25 +237,60 @@ pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<BenchRow>> {
                 break;
             }
         }
+        if let Some(burst) = case.burst {
+            let row = step(cfg, case, &stack, Step::Burst(burst)).await;
+            eprintln!("{}", markdown_row(&row));
+            rows.push(row);
+        }
     }
     Ok(rows)
 }
 
-async fn step(cfg: &BenchConfig, case: &BenchCase, stack: &Stack, rate: f64) -> BenchRow {
+/// What one run offers.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// The matrix's users at this rate for the configured step.
+    Rate(f64),
+    Burst(Burst),
+}
+
+/// The schedule of a burst: every message due within this rate's first instants (100 µs
+/// apart at most: the generator's sockets write them as fast as they can).
+const BURST_RATE: f64 = 10_000.0;
+
+async fn step(cfg: &BenchConfig, case: &BenchCase, stack: &Stack, what: Step) -> BenchRow {
+    let (users, rate, prefix) = match what {
+        Step::Rate(rate) => (cfg.users, rate, format!("bench-{rate:.0}")),
+        Step::Burst(b) => (
+            b.users,
+            BURST_RATE,
+            format!("burst-{}x{}", b.users, b.messages),
+        ),
+    };
     let mut load_cfg = LoadConfig {
         http: stack.http_base(),
         ws: stack.ws_bases(),
-        users: cfg.users,
+        users,
         messages: 1,
         window: 0,
         rate,
         protocol: Protocol::Full,
         timeout_secs: 120,
-        user_prefix: format!("bench-{rate:.0}"),
+        user_prefix: prefix,
         admin_token: None,
     };
-    load_cfg.messages = load_cfg.messages_for(cfg.step.as_secs_f64());
-    let schedule = load_cfg.schedule();
+    load_cfg.messages = match what {
+        Step::Rate(_) => load_cfg.messages_for(cfg.step.as_secs_f64()),
+        Step::Burst(b) => b.messages,
+    };
+    // A burst's CPU is read until its last answer could be due, not over its instant schedule.
+    let schedule = match what {
+        Step::Rate(_) => load_cfg.schedule(),
+        Step::Burst(b) => Duration::from_secs_f64(
+            (case.llm_latency_ms.max(1) as f64 / 1_000.0) * b.messages as f64
+                + load_cfg.schedule().as_secs_f64(),
+        ),
+    };
     let mut pids: Vec<(String, Option<u32>)> = MEASURED
         .iter()
         .map(|c| (c.to_string(), stack.pid(*c)))
@@ -246,11 +326,16 @@ async fn step(cfg: &BenchConfig, case: &BenchCase, stack: &Stack, rate: f64) -> 
             (name, figure)
         })
         .collect();
+    let (burst, llm_bound) = match what {
+        Step::Rate(_) => (None, case.llm_bound()),
+        Step::Burst(b) => (Some(b), case.burst_bound(b)),
+    };
     BenchRow {
         storage: cfg.storage,
         llm_latency_ms: case.llm_latency_ms,
         max_in_flight: case.max_in_flight,
-        llm_bound: case.llm_bound(),
+        llm_bound,
+        burst,
         load,
         cpu,
     }
@@ -277,20 +362,23 @@ pub fn markdown_row(r: &BenchRow) -> String {
         .iter()
         .map(|(_, v)| format!(" {} |", pct(v)))
         .collect();
+    let answered = r.answered_rate();
     let sustained = match r.llm_bound {
         Some(b) => format!(
-            "{:.0} ({:.0} % of bound {b:.0})",
-            r.load.sustained,
-            100.0 * r.load.sustained / b
+            "{answered:.0} ({:.0} % of bound {b:.0})",
+            100.0 * answered / b
         ),
-        None => format!("{:.0}", r.load.sustained),
+        None => format!("{answered:.0}"),
+    };
+    let offered = match r.burst {
+        Some(b) => format!("burst {}×{}", b.users, b.messages),
+        None => format!("{:.0}/s", r.load.offered_rate),
     };
     format!(
-        "| {} | {} ms | {} | {:.0}/s | {} | {} | {} | {} | {} | {} | {} | {} |{cpu} {:.2} | {} |",
+        "| {} | {} ms | {} | {offered} | {} | {} | {} | {} | {} | {} | {} | {} |{cpu} {:.2} | {} |",
         r.storage,
         r.llm_latency_ms,
         r.max_in_flight,
-        r.load.offered_rate,
         sustained,
         c.lost,
         fmt_ms(c.ack.p99_ms),
@@ -313,12 +401,15 @@ pub fn text_plot(rows: &[BenchRow]) -> String {
     for r in rows {
         let p99 = r.load.check.answer.p99_ms.max(1.0);
         let bar = ((p99.log10() / 5.0) * WIDTH).round().clamp(0.0, WIDTH) as usize;
+        let offered = match r.burst {
+            Some(b) => format!("{}×{}", b.users, b.messages),
+            None => format!("{:.0}/s", r.load.offered_rate),
+        };
         let _ = writeln!(
             out,
-            "{:>3} ms LLM, MIF {:>4}, {:>5.0}/s |{:<50}| {}",
+            "{:>3} ms LLM, MIF {:>4}, {offered:>7} |{:<50}| {}",
             r.llm_latency_ms,
             r.max_in_flight,
-            r.load.offered_rate,
             "#".repeat(bar),
             fmt_ms(r.load.check.answer.p99_ms)
         );
@@ -349,6 +440,7 @@ mod tests {
             llm_latency_ms: 500,
             max_in_flight: 50,
             rates: vec![],
+            burst: None,
         };
         assert_eq!(case.llm_bound(), Some(100.0));
         let instant = BenchCase {
@@ -358,18 +450,47 @@ mod tests {
         assert_eq!(instant.llm_bound(), None);
     }
 
+    #[test]
+    fn a_burst_is_bound_by_its_users_when_they_are_fewer_than_the_calls_allowed() {
+        let case = BenchCase {
+            llm_latency_ms: 500,
+            max_in_flight: 2_000,
+            rates: vec![],
+            burst: Some(CLASS_BURST),
+        };
+        // 200 users, each answered in order: 200 calls at once, 400 answers/s.
+        assert_eq!(case.burst_bound(CLASS_BURST), Some(400.0));
+        let narrow = BenchCase {
+            max_in_flight: 50,
+            ..case
+        };
+        assert_eq!(narrow.burst_bound(CLASS_BURST), Some(100.0));
+    }
+
+    #[test]
+    fn a_burst_row_reports_answers_to_the_last_one_and_names_its_shape() {
+        let mut r = row(95.0);
+        r.burst = Some(CLASS_BURST);
+        r.load.throughput = 90.0;
+        let line = markdown_row(&r);
+        assert!(line.contains("burst 200×10"), "{line}");
+        assert!(line.contains("90 (90 % of bound 100)"), "{line}");
+    }
+
     fn row(sustained: f64) -> BenchRow {
         let mut cpu: Vec<(String, Option<f64>)> = MEASURED
             .iter()
             .map(|c| (c.to_string(), Some(0.25)))
             .collect();
-        cpu[6].1 = None; // no nginx
+        cpu[0].1 = None; // no postgres
+        cpu[7].1 = None; // no nginx
         cpu.push(("load generator".into(), Some(0.5)));
         BenchRow {
             storage: Storage::Memory,
             llm_latency_ms: 500,
             max_in_flight: 50,
             llm_bound: Some(100.0),
+            burst: None,
             load: LoadReport {
                 offered_rate: 100.0,
                 users: 10,
@@ -398,7 +519,8 @@ mod tests {
     #[test]
     fn cpu_per_message_counts_the_stack_not_the_load_generator() {
         let r = row(95.0);
-        // 7 processes at a quarter of a core each; nginx absent; the generator excluded.
+        // 7 processes at a quarter of a core each; postgres and nginx absent; the generator
+        // excluded.
         assert!((r.stack_cores() - 1.75).abs() < 1e-9);
         assert!((r.cpu_us_per_message().unwrap() - 1.75e6 / 95.0).abs() < 1e-6);
         assert!(!r.saturated());

@@ -66,7 +66,7 @@ impl Default for SoakConfig {
 
 impl SoakConfig {
     /// The faults, in order: each of relay, ai-consumer, one gateway and Redis; the broker too
-    /// when its storage survives the kill.
+    /// when its storage survives the kill (sqlite, postgres).
     #[must_use]
     pub fn faults(&self) -> Vec<Component> {
         let mut f = vec![
@@ -75,7 +75,7 @@ impl SoakConfig {
             Component::Gateway(0),
             Component::Redis,
         ];
-        if self.storage == Storage::Sqlite {
+        if self.storage != Storage::Memory {
             f.push(Component::Broker);
         }
         f
@@ -375,5 +375,10 @@ mod tests {
         let times: Vec<Duration> = (0..5).map(|i| sqlite.fault_at(i, 5)).collect();
         assert!(times.windows(2).all(|w| w[0] < w[1]));
         assert!(times[0] > Duration::ZERO && times[4] < sqlite.duration);
+        let postgres = SoakConfig {
+            storage: Storage::Postgres,
+            ..SoakConfig::default()
+        };
+        assert_eq!(postgres.faults().last(), Some(&Component::Broker));
     }
 }

@@ -27,6 +27,7 @@ use colloquy_core::names::Names;
 use colloquy_gateway::config::GatewayConfig;
 use colloquy_relay::config::RelayConfig;
 use colloquy_testkit::fake_llm::{FakeLlmConfig, FakeLlmProcessConfig};
+use colloquy_testkit::postgres::Cluster;
 pub use colloquy_testkit::process::Storage;
 use colloquy_testkit::process::{
     ManagedProcess, ProcessSpec, RedisPersistence, accepts, free_port, redis_args, tansu_args,
@@ -43,6 +44,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// One process of the stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Component {
+    /// PostgreSQL, tansu's storage with `Storage::Postgres` (first, so it is stopped last).
+    Database,
     /// tansu, the Kafka-protocol broker.
     Broker,
     Redis,
@@ -57,6 +60,7 @@ pub enum Component {
 impl fmt::Display for Component {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Database => f.write_str("postgres"),
             Self::Broker => f.write_str("broker"),
             Self::Redis => f.write_str("redis"),
             Self::FakeLlm => f.write_str("fake-llm"),
@@ -158,6 +162,7 @@ impl Member {
 /// The ports a stack's processes listen on, drawn before any starts.
 #[derive(Debug)]
 struct Ports {
+    postgres: u16,
     kafka: u16,
     redis: u16,
     llm: u16,
@@ -170,6 +175,7 @@ struct Ports {
 impl Ports {
     fn draw() -> std::io::Result<Self> {
         Ok(Self {
+            postgres: free_port()?,
             kafka: free_port()?,
             redis: free_port()?,
             llm: free_port()?,
@@ -203,6 +209,8 @@ pub struct Stack {
     nginx_port: Option<u16>,
     kafka_bootstrap: String,
     redis_url: String,
+    /// tansu's PostgreSQL cluster, with `Storage::Postgres`.
+    postgres: Option<Cluster>,
     http: reqwest::Client,
     /// Last, so that it is removed only after every process was killed.
     dir: Option<tempfile::TempDir>,
@@ -243,6 +251,7 @@ impl Stack {
             nginx_port: None,
             kafka_bootstrap: String::new(),
             redis_url: String::new(),
+            postgres: None,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(3))
                 .build()
@@ -255,6 +264,14 @@ impl Stack {
 
     /// Starts the infrastructure, creates the topics, then the services and nginx.
     async fn start_all(&mut self) -> anyhow::Result<()> {
+        if let Some(cluster) = self.postgres.clone() {
+            self.start(Component::Database)?;
+            self.wait_ready(Component::Database).await?;
+            cluster
+                .apply_schema(READY_TIMEOUT)
+                .await
+                .context("tansu's schema")?;
+        }
         let infra = [Component::Broker, Component::Redis, Component::FakeLlm];
         for c in infra {
             self.start(c)?;
@@ -293,6 +310,10 @@ impl Stack {
         self.kafka_bootstrap = format!("127.0.0.1:{}", ports.kafka);
         self.redis_url = format!("redis://127.0.0.1:{}", ports.redis);
         self.gateway_ports = ports.gateways.to_vec();
+        if opts.storage == Storage::Postgres {
+            let database = self.database(ports.postgres)?;
+            self.procs.insert(Component::Database, database);
+        }
         let broker = self.broker(bins, opts, &ports)?;
         self.procs.insert(Component::Broker, broker);
         let redis = self.redis(bins, &ports)?;
@@ -326,6 +347,17 @@ impl Stack {
         self.path.join(format!("{c}.log"))
     }
 
+    /// PostgreSQL in `postgres/` (a fresh cluster), for tansu's postgres engine. The stack's
+    /// directory is opened to other users: the server runs as `postgres` when we are root.
+    fn database(&mut self, port: u16) -> anyhow::Result<Member> {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o755))?;
+        let cluster = Cluster::init(&self.path.join("postgres"), port)?;
+        let spec = cluster.server(self.log(Component::Database));
+        self.postgres = Some(cluster);
+        Ok(Member::new(spec, Probe::Tcp(port)))
+    }
+
     /// tansu in `broker/` (where its sqlite file goes).
     fn broker(
         &self,
@@ -337,7 +369,10 @@ impl Stack {
         std::fs::create_dir_all(&dir)?;
         let log_filter = std::env::var("CHAOS_TANSU_LOG").unwrap_or_else(|_| "warn".into());
         let spec = ProcessSpec::new(&bins.tansu, &dir, self.log(Component::Broker))
-            .args(tansu_args(ports.kafka, opts.storage))
+            .args(tansu_args(
+                ports.kafka,
+                &opts.storage.engine_url(self.postgres.as_ref())?,
+            ))
             .envs([("RUST_LOG".to_owned(), log_filter)]);
         Ok(Member::new(spec, Probe::Tcp(ports.kafka)))
     }

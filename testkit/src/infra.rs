@@ -123,7 +123,7 @@ impl Infra {
             Backend::Processes => {
                 let dir = dir.path();
                 let tansu = ProcessSpec::new(&tansu_binary()?, dir, dir.join("tansu.log"))
-                    .args(tansu_args(kafka_port, opts.storage()));
+                    .args(tansu_args(kafka_port, &opts.storage().engine_url(None)?));
                 let redis = ProcessSpec::new(&redis_binary()?, dir, dir.join("redis.log"))
                     .args(redis_args(redis_port, &RedisPersistence::None));
                 let mut kafka = Node::Process(ManagedProcess::new(tansu));
@@ -236,7 +236,7 @@ async fn start_tansu_container(
         .with_startup_timeout(Duration::from_secs(60));
     if opts.durable_kafka {
         req = req
-            .with_env_var("STORAGE_ENGINE", Storage::Sqlite.engine_url())
+            .with_env_var("STORAGE_ENGINE", Storage::Sqlite.engine_url(None)?)
             .with_mount(testcontainers::core::Mount::bind_mount(
                 dir.display().to_string(),
                 "/data",

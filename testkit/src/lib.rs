@@ -20,6 +20,7 @@ pub mod infra;
 pub mod load;
 pub mod openai_mock;
 pub mod otlp;
+pub mod postgres;
 pub mod process;
 
 pub use harness::{LlmChoice, TestApp};

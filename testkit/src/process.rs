@@ -71,16 +71,24 @@ pub enum Storage {
     /// tansu's memory engine: fast, forgets everything when the broker stops
     /// (`KAFKA_STORAGE=memory`, what throughput runs use).
     Memory,
+    /// tansu's postgres engine on a private PostgreSQL cluster ([`crate::postgres`]): durable,
+    /// prepared statements and a connection pool instead of sqlite's one storage task.
+    Postgres,
 }
 
 impl Storage {
     /// tansu's `--storage-engine`; a sqlite path is relative to the broker's working directory
-    /// (see infra/images/README.md).
-    #[must_use]
-    pub fn engine_url(self) -> &'static str {
-        match self {
-            Self::Sqlite => "sqlite://tansu.db",
-            Self::Memory => "memory://tansu/",
+    /// (see infra/images/README.md). The postgres engine's URL names its cluster: `postgres` is
+    /// that cluster, and only [`Storage::Postgres`] needs it.
+    ///
+    /// # Errors
+    /// For [`Storage::Postgres`] without a cluster.
+    pub fn engine_url(self, postgres: Option<&crate::postgres::Cluster>) -> anyhow::Result<String> {
+        match (self, postgres) {
+            (Self::Sqlite, _) => Ok("sqlite://tansu.db".into()),
+            (Self::Memory, _) => Ok("memory://tansu/".into()),
+            (Self::Postgres, Some(cluster)) => Ok(cluster.engine_url()),
+            (Self::Postgres, None) => bail!("tansu's postgres engine needs a PostgreSQL cluster"),
         }
     }
 }
@@ -90,6 +98,7 @@ impl fmt::Display for Storage {
         f.write_str(match self {
             Self::Sqlite => "sqlite",
             Self::Memory => "memory",
+            Self::Postgres => "postgres",
         })
     }
 }
@@ -97,7 +106,7 @@ impl fmt::Display for Storage {
 /// tansu's arguments for a broker on 127.0.0.1:`port` that advertises that same address
 /// (clients reach it there).
 #[must_use]
-pub fn tansu_args(port: u16, storage: Storage) -> Vec<String> {
+pub fn tansu_args(port: u16, engine_url: &str) -> Vec<String> {
     let url = format!("tcp://127.0.0.1:{port}");
     vec![
         "broker".into(),
@@ -106,7 +115,7 @@ pub fn tansu_args(port: u16, storage: Storage) -> Vec<String> {
         "--advertised-listener-url".into(),
         url,
         "--storage-engine".into(),
-        storage.engine_url().into(),
+        engine_url.into(),
     ]
 }
 
@@ -459,7 +468,7 @@ mod tests {
 
     #[test]
     fn tansu_advertises_the_address_it_listens_on() {
-        let args = tansu_args(9999, Storage::Sqlite);
+        let args = tansu_args(9999, &Storage::Sqlite.engine_url(None).unwrap());
         assert_eq!(
             args,
             [
