@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent installer of everything Colloquy needs on a fresh Debian (bookworm) machine, as root:
-# Debian packages (Redis, nginx, Prometheus + promtool, Chromium, build tools) and the
+# Debian packages (Redis, nginx, Prometheus + promtool, Chromium, PostgreSQL, build tools) and the
 # Kafka-compatible broker `tansu` from crates.io. Safe to run again: it only installs what is missing.
 set -euo pipefail
 
@@ -15,6 +15,7 @@ TANSU_FEATURES="libsql,dynostore,postgres"
 # (rdkafka builds librdkafka from source with gcc/make/perl; libz-sys wants zlib + pkg-config).
 APT_PACKAGES=(
   redis-server redis-tools nginx-light prometheus prometheus-alertmanager prometheus-blackbox-exporter chromium
+  postgresql
   build-essential pkg-config perl python3 zlib1g-dev libssl-dev curl ca-certificates procps
 )
 
@@ -51,7 +52,27 @@ else
   log "Debian packages already installed: ${APT_PACKAGES[*]}"
 fi
 
-# tansu: the Kafka-protocol broker, built from crates.io with the durable sqlite (libsql) engine.
+# Whether cargo's record of installed crates shows tansu built with every feature we need (an
+# older install lacks the postgres engine, the stack's durable default).
+tansu_has_features() {
+  python3 - "$TANSU_FEATURES" "${CARGO_HOME:-${HOME:-/root}/.cargo}/.crates2.json" <<'PY'
+import json, sys
+want = set(sys.argv[1].split(","))
+try:
+    installs = json.load(open(sys.argv[2]))["installs"]
+except Exception:
+    sys.exit(1)
+ok = any(k.startswith("tansu ") and want <= set(v.get("features", [])) for k, v in installs.items())
+sys.exit(0 if ok else 1)
+PY
+}
+
+# tansu: the Kafka-protocol broker, built from crates.io with its durable engines (postgres, the
+# stack's default, and sqlite) besides memory.
+if command -v tansu >/dev/null 2>&1 && ! tansu_has_features && [ -z "${COLLOQUY_TANSU_BIN:-}" ]; then
+  log "tansu at $(command -v tansu) lacks features $TANSU_FEATURES: reinstalling"
+  cargo install tansu --version "$TANSU_VERSION" --locked --force --features "$TANSU_FEATURES"
+fi
 if command -v tansu >/dev/null 2>&1; then
   log "tansu already installed: $(command -v tansu)"
 else

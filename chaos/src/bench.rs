@@ -69,6 +69,8 @@ impl BenchCase {
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
     pub storage: Storage,
+    /// The consumers' fetch wait (`StackOptions::fetch_wait_ms`).
+    pub fetch_wait_ms: Option<u64>,
     /// Simulated users of every run.
     pub users: usize,
     /// Length of each run's schedule.
@@ -82,6 +84,7 @@ impl BenchConfig {
     pub fn short(storage: Storage) -> Self {
         Self {
             storage,
+            fetch_wait_ms: None,
             users: 500,
             step: Duration::from_secs(8),
             cases: vec![
@@ -94,7 +97,7 @@ impl BenchConfig {
                 BenchCase {
                     llm_latency_ms: 500,
                     max_in_flight: 50,
-                    rates: vec![90.0],
+                    rates: vec![120.0],
                     burst: Some(CLASS_BURST),
                 },
             ],
@@ -106,6 +109,7 @@ impl BenchConfig {
     pub fn full(storage: Storage) -> Self {
         Self {
             storage,
+            fetch_wait_ms: None,
             users: 1_000,
             step: Duration::from_secs(15),
             cases: vec![
@@ -220,6 +224,7 @@ pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<BenchRow>> {
         let mut opts = StackOptions {
             name: format!("bench-{}ms-{}", case.llm_latency_ms, case.max_in_flight),
             storage: cfg.storage,
+            fetch_wait_ms: cfg.fetch_wait_ms,
             // Every simulated user comes from 127.0.0.1.
             edge: crate::nginx::EdgeLimits::load_test(),
             ..StackOptions::default()

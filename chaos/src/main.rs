@@ -122,6 +122,9 @@ enum Mode {
         short: bool,
         #[arg(long, value_enum, default_value_t = Storage::Memory)]
         storage: Storage,
+        /// The consumers' fetch wait, milliseconds (default: the services' 5 ms).
+        #[arg(long)]
+        fetch_wait_ms: Option<u64>,
         /// Also write every run as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -182,13 +185,15 @@ async fn run_mode(mode: Mode) -> anyhow::Result<ExitCode> {
         Mode::Bench {
             short,
             storage,
+            fetch_wait_ms,
             json,
         } => {
-            let cfg = if short {
+            let mut cfg = if short {
                 BenchConfig::short(storage)
             } else {
                 BenchConfig::full(storage)
             };
+            cfg.fetch_wait_ms = fetch_wait_ms;
             let rows = bench::run(&cfg).await?;
             println!("{}", bench::markdown(&rows));
             if let Some(path) = json {

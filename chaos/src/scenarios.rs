@@ -17,7 +17,7 @@ use colloquy_testkit::checker::Checker;
 use colloquy_testkit::load::{self, LoadConfig, LoadReport, Protocol};
 
 use crate::report::ScenarioReport;
-use crate::stack::{Component, Stack, StackOptions};
+use crate::stack::{Component, Stack, StackOptions, Storage};
 
 /// One chaos scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -32,6 +32,11 @@ pub enum Scenario {
     Redis,
     /// kill -9 the Kafka broker (tansu, sqlite storage).
     Broker,
+    /// kill -9 the Kafka broker on its postgres storage (`scripts/stack.sh`'s default).
+    #[value(name = "broker-postgres")]
+    BrokerPostgres,
+    /// kill -9 PostgreSQL under the broker: every acked record must have been committed.
+    Postgres,
     /// No kill: the LLM answers half the calls with 429.
     #[value(name = "llm-429-storm")]
     Llm429Storm,
@@ -39,12 +44,14 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order `all` runs them.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::Gateway,
         Self::Relay,
         Self::Consumer,
         Self::Redis,
         Self::Broker,
+        Self::BrokerPostgres,
+        Self::Postgres,
         Self::Llm429Storm,
     ];
 
@@ -56,6 +63,8 @@ impl Scenario {
             Self::Consumer => "consumer",
             Self::Redis => "redis",
             Self::Broker => "broker",
+            Self::BrokerPostgres => "broker-postgres",
+            Self::Postgres => "postgres",
             Self::Llm429Storm => "llm-429-storm",
         }
     }
@@ -68,7 +77,8 @@ impl Scenario {
             Self::Relay => Some(Component::Relay),
             Self::Consumer => Some(Component::Consumer),
             Self::Redis => Some(Component::Redis),
-            Self::Broker => Some(Component::Broker),
+            Self::Broker | Self::BrokerPostgres => Some(Component::Broker),
+            Self::Postgres => Some(Component::Database),
             Self::Llm429Storm => None,
         }
     }
@@ -83,6 +93,9 @@ impl Scenario {
             // retries; honouring a longer Retry-After is the backoff's unit tests' business.
             opts.fake_llm.rate_limit_ratio = 0.5;
             opts.fake_llm.retry_after_secs = 0;
+        }
+        if matches!(self, Self::BrokerPostgres | Self::Postgres) {
+            opts.storage = Storage::Postgres;
         }
         opts
     }

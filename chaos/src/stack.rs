@@ -81,6 +81,10 @@ pub struct StackOptions {
     pub name: String,
     /// The broker's storage engine.
     pub storage: Storage,
+    /// The consumers' `KAFKA_FETCH_WAIT_MAX_MS`; `None`: the services' default (5 ms). tansu
+    /// holds every fetch this long and each fetch costs its engine a pass over the partitions,
+    /// so it sets both the idle CPU and each consumer hop's latency (docs/storage.md).
+    pub fetch_wait_ms: Option<u64>,
     /// Put nginx in front of the gateways when it is installed (clients then use only nginx).
     pub nginx: bool,
     /// The edge's per-address limits (the committed ones unless a load test raises them).
@@ -102,6 +106,7 @@ impl Default for StackOptions {
         Self {
             name: "stack".into(),
             storage: Storage::Sqlite,
+            fetch_wait_ms: None,
             nginx: true,
             edge: crate::nginx::EdgeLimits::default(),
             // An answer takes ~100 ms (50 ms to the first token, 8 tokens at 200/s), so a kill
@@ -211,6 +216,8 @@ pub struct Stack {
     redis_url: String,
     /// tansu's PostgreSQL cluster, with `Storage::Postgres`.
     postgres: Option<Cluster>,
+    /// `StackOptions::fetch_wait_ms`.
+    fetch_wait_ms: Option<u64>,
     http: reqwest::Client,
     /// Last, so that it is removed only after every process was killed.
     dir: Option<tempfile::TempDir>,
@@ -252,6 +259,7 @@ impl Stack {
             kafka_bootstrap: String::new(),
             redis_url: String::new(),
             postgres: None,
+            fetch_wait_ms: opts.fetch_wait_ms,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(3))
                 .build()
@@ -417,6 +425,9 @@ impl Stack {
     fn kafka(&self, consumer_instance: Option<&str>) -> KafkaConfig {
         let mut kafka = KafkaConfig::local(self.kafka_bootstrap.clone());
         kafka.partitions = PARTITIONS;
+        if let Some(wait) = self.fetch_wait_ms {
+            kafka.fetch_wait_max_ms = wait;
+        }
         if let Some(instance) = consumer_instance {
             kafka.assignment = Assignment::All;
             kafka.group_instance_id = Some(instance.to_owned());

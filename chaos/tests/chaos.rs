@@ -80,6 +80,16 @@ async fn kill_the_broker() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_the_broker_on_postgres_storage() -> anyhow::Result<()> {
+    check(Scenario::BrokerPostgres).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_postgres_under_the_broker() -> anyhow::Result<()> {
+    check(Scenario::Postgres).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llm_429_storm() -> anyhow::Result<()> {
     check(Scenario::Llm429Storm).await
 }

@@ -15,6 +15,15 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use colloquy_core::wire::{ClientFrame, ServerFrame};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// The client's WebSocket settings. tungstenite's default read buffer is 128 KiB, and it
+/// grows and zero-fills that much before every read: with a thousand simulated users that
+/// memset was half of the load generator's CPU (perf, 2026-12-07), which then competed with
+/// the stack it measures. Frames here are a few hundred bytes; larger ones take more reads.
+fn client_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4 * 1024)
+}
 
 /// What the server sent: a frame, or the close (code and reason).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,7 +98,7 @@ impl WsClient {
         }
         let (ws, _) = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::connect_async(request),
+            tokio_tungstenite::connect_async_with_config(request, Some(client_config()), false),
         )
         .await
         .context("WebSocket connect timed out")??;

@@ -198,6 +198,19 @@ pub struct KafkaConfig {
     /// How long the producer waits to batch records (ms).
     #[arg(long = "kafka-linger-ms", env = "KAFKA_LINGER_MS", default_value_t = 2)]
     pub linger_ms: u64,
+    /// Idempotent producers (`enable.idempotence`: no duplicate from a retry, order kept with
+    /// five requests in flight). `false` sends one request at a time per broker instead, which
+    /// keeps the order, and lets a retry duplicate a record (the claims and delivered markers
+    /// absorb it). Set `false` on tansu 0.6: after a storage outage librdkafka bumps its
+    /// producer epoch, which tansu's engines cannot follow (sqlite panics, postgres refuses every
+    /// later produce; docs/storage.md).
+    #[arg(
+        long = "kafka-idempotence",
+        env = "KAFKA_IDEMPOTENCE",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub idempotence: bool,
     /// Longest a consumer fetch waits for data (ms). Keep it low: tansu waits the full time on every fetch.
     #[arg(
         long = "kafka-fetch-wait-max-ms",
@@ -291,11 +304,13 @@ pub fn kafka_properties(vars: impl IntoIterator<Item = (String, String)>) -> Vec
 }
 
 impl KafkaConfig {
-    /// Defaults for a broker at `bootstrap`.
+    /// Defaults for a local tansu broker at `bootstrap` (tests, chaos, benchmarks): the
+    /// production defaults but non-idempotent producers (see [`KafkaConfig::idempotence`]).
     #[must_use]
     pub fn local(bootstrap: impl Into<String>) -> Self {
         Self {
             bootstrap_servers: bootstrap.into(),
+            idempotence: false,
             ..defaults()
         }
     }
@@ -313,6 +328,7 @@ impl ToEnv for KafkaConfig {
             partitions,
             produce_timeout_ms,
             linger_ms,
+            idempotence,
             fetch_wait_max_ms,
             rejoin_after_secs,
             assignment,
@@ -326,6 +342,7 @@ impl ToEnv for KafkaConfig {
             ("partitions", Some(partitions.to_string())),
             ("produce_timeout_ms", Some(produce_timeout_ms.to_string())),
             ("linger_ms", Some(linger_ms.to_string())),
+            ("idempotence", Some(idempotence.to_string())),
             ("fetch_wait_max_ms", Some(fetch_wait_max_ms.to_string())),
             ("rejoin_after_secs", Some(rejoin_after_secs.to_string())),
             ("assignment", Some(enum_value(assignment))),
@@ -552,6 +569,7 @@ mod tests {
             partitions: 3,
             produce_timeout_ms: 7,
             linger_ms: 9,
+            idempotence: false,
             fetch_wait_max_ms: 11,
             rejoin_after_secs: 13,
             assignment: Assignment::All,

@@ -1,6 +1,7 @@
 //! Kafka set-up: producers, consumers, topics and headers, configured once for the whole system.
 //!
-//! Producers are idempotent with `acks=all`. Consumers never auto-store offsets: a service stores
+//! Producers use `acks=all` and are idempotent unless `KAFKA_IDEMPOTENCE=false` (tansu). Consumers
+//! never auto-store offsets: a service stores
 //! an offset only after the side effect of that record succeeded (rust-rdkafka's at-least-once
 //! recipe), and auto-commit then commits what was stored.
 
@@ -67,15 +68,23 @@ fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     config
 }
 
-/// An idempotent producer (`acks=all`) for `service`.
+/// A producer (`acks=all`) for `service`: idempotent, or, with `KAFKA_IDEMPOTENCE=false`, one
+/// request in flight per broker so that a retry cannot reorder a partition.
 ///
 /// # Errors
 /// When librdkafka refuses the configuration.
 pub fn producer(cfg: &KafkaConfig, service: &str) -> Result<FutureProducer, KafkaSetupError> {
-    base_config(cfg)
+    let mut config = base_config(cfg);
+    if cfg.idempotence {
+        config.set("enable.idempotence", "true");
+    } else {
+        config
+            .set("enable.idempotence", "false")
+            .set("max.in.flight.requests.per.connection", "1");
+    }
+    config
         .set("client.id", service)
         .set("acks", "all")
-        .set("enable.idempotence", "true")
         .set("linger.ms", cfg.linger_ms.to_string())
         .set("message.timeout.ms", cfg.produce_timeout_ms.to_string())
         .set("compression.type", "none")
