@@ -613,12 +613,12 @@ mod tests {
         // The session future sits in its task for the whole life of the socket, and it is as
         // large as the largest future it awaits inline. fred's command futures are several KiB
         // (the inbox position read alone is 7 KiB): awaited inline, every idle socket reserves
-        // them. Box them. 1.7 KiB in a release build, 8.1 KiB with the read inline
+        // them, so they are boxed. 1.7 KiB now, 8.1 KiB with the read inline. The bound allows
+        // 0.8 KiB more, about the margin left under issue 13's 10 KiB per socket
         // (docs/performance.md, memory per connection).
         let size = future_size(run::<SplitSink<WebSocket, Message>, SplitStream<WebSocket>>);
-        eprintln!("session future: {size} bytes");
         assert!(
-            size <= 4 * 1024,
+            size <= 2 * 1024 + 512,
             "the session future grew to {size} bytes: box the large future it awaits"
         );
     }
