@@ -108,9 +108,11 @@ where
         return;
     }
     // Subscribed first, position second: anything after the position arrives live.
+    // Boxed: fred's XREVRANGE future is about 7 KiB, and inlined it would be reserved in every
+    // idle session's future for the whole life of the socket (docs/performance.md).
     let position = tokio::time::timeout(
         Duration::from_secs(2),
-        inbox::position(&state.redis, &state.names, &user),
+        Box::pin(inbox::position(&state.redis, &state.names, &user)),
     )
     .await
     .map_err(|_| "timed out after 2 s".to_owned())
@@ -585,7 +587,15 @@ fn delivered_frame(d: &Delivery) -> ServerFrame {
 
 #[cfg(test)]
 mod tests {
-    use super::Outbound;
+    use axum::extract::ws::{Message, WebSocket};
+    use futures::stream::{SplitSink, SplitStream};
+
+    use super::{Outbound, run};
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<A, B, C, D, F: Future>(_f: fn(A, B, C, D) -> F) -> usize {
+        size_of::<F>()
+    }
 
     #[test]
     fn an_outbound_message_is_two_words() {
@@ -595,6 +605,21 @@ mod tests {
             size_of::<Outbound>() <= 16,
             "Outbound grew to {} bytes: box the new variant's payload",
             size_of::<Outbound>()
+        );
+    }
+
+    #[test]
+    fn an_idle_session_reserves_little() {
+        // The session future sits in its task for the whole life of the socket, and it is as
+        // large as the largest future it awaits inline. fred's command futures are several KiB
+        // (the inbox position read alone is 7 KiB): awaited inline, every idle socket reserves
+        // them, so they are boxed. 1.7 KiB now, 8.1 KiB with the read inline. The bound allows
+        // 0.8 KiB more, about the margin left under issue 13's 10 KiB per socket
+        // (docs/performance.md, memory per connection).
+        let size = future_size(run::<SplitSink<WebSocket, Message>, SplitStream<WebSocket>>);
+        assert!(
+            size <= 2 * 1024 + 512,
+            "the session future grew to {size} bytes: box the large future it awaits"
         );
     }
 }
