@@ -5,7 +5,8 @@
 #   3. cargo fmt --check, cargo machete, cargo clippy -D warnings, cargo doc -D warnings, cargo build --bins (the chaos
 #      suites run them) and cargo test --workspace (the testkit uses containers or local
 #      processes: COLLOQUY_TESTKIT), the soak's CI form on release binaries (25,000 messages at
-#      1,000 msg/s through four faults), FUZZ_SECS (60) seconds of the gateway's fuzz target
+#      1,000 msg/s through four faults), the benchmark's short form on postgres storage,
+#      FUZZ_SECS (60) seconds of the gateway's fuzz target
 #   4. promtool check/test rules    (alerts/*.yml, alerts/tests/*.yml, when present)
 #   5. the container deployment     (infra/compose-test.sh test: compose config, up, 250/250 through
 #                                    nginx, three container faults, down; about 4 min), when
@@ -81,6 +82,12 @@ log "cargo build --release --bins (for the soak)"
 cargo build --release --bins
 log "soak, CI form (colloquy-chaos soak --rate 1000 --duration-secs 25)"
 COLLOQUY_BIN_DIR="$REPO/target/release" target/release/colloquy-chaos soak --rate 1000 --duration-secs 25
+
+# The benchmark's short form on the durable default (tansu's postgres engine, 100 ms fetch
+# wait): prints the table of docs/performance.md (rates, an LLM-bound run, a burst, CPU per
+# process); fails only when a run lost, duplicated or invented a message. About 4 minutes.
+log "benchmark, short form, postgres storage (scripts/bench.sh --short --storage postgres --fetch-wait-ms 100)"
+scripts/bench.sh --short --storage postgres --fetch-wait-ms 100
 
 # The gateway's fuzz target (client frames and the Connection state machine), a short run:
 # FUZZ_SECS (60) seconds of libFuzzer. cargo-fuzz needs nightly flags: the nightly toolchain
