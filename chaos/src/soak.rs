@@ -66,7 +66,7 @@ impl Default for SoakConfig {
 
 impl SoakConfig {
     /// The faults, in order: each of relay, ai-consumer, one gateway and Redis; the broker too
-    /// when its storage survives the kill (sqlite, postgres).
+    /// when its storage survives the kill (sqlite, postgres), and PostgreSQL under it.
     #[must_use]
     pub fn faults(&self) -> Vec<Component> {
         let mut f = vec![
@@ -77,6 +77,9 @@ impl SoakConfig {
         ];
         if self.storage != Storage::Memory {
             f.push(Component::Broker);
+        }
+        if self.storage == Storage::Postgres {
+            f.push(Component::Database);
         }
         f
     }
@@ -379,6 +382,9 @@ mod tests {
             storage: Storage::Postgres,
             ..SoakConfig::default()
         };
-        assert_eq!(postgres.faults().last(), Some(&Component::Broker));
+        assert_eq!(
+            postgres.faults()[4..],
+            [Component::Broker, Component::Database]
+        );
     }
 }
