@@ -55,12 +55,11 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
-/// Whether this process runs as root (PostgreSQL then runs as the `postgres` user).
+/// Whether this process runs as root (PostgreSQL then runs as the `postgres` user):
+/// `/proc/self` belongs to the process's effective user.
 fn is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// `program args…`, as the `postgres` user when we are root.
