@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent installer of everything Colloquy needs on a fresh Debian (bookworm) machine, as root:
 # Debian packages (Redis, nginx, Prometheus + promtool, Chromium, PostgreSQL, build tools) and the
-# Kafka-compatible broker `tansu` from crates.io. Safe to run again: it only installs what is missing.
+# Kafka-compatible broker `tansu` from crates.io (patched: infra/tansu/build.sh). Safe to run again: it only installs what is missing.
 set -euo pipefail
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
 export PATH="${CARGO_HOME:-${HOME:-/root}/.cargo}/bin:$PATH"
 
-TANSU_VERSION="0.6.0"
-TANSU_FEATURES="libsql,dynostore,postgres"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # Debian packages: the runtime services and what the workspace build needs
 # (rdkafka builds librdkafka from source with gcc/make/perl; libz-sys wants zlib + pkg-config).
@@ -52,44 +51,22 @@ else
   log "Debian packages already installed: ${APT_PACKAGES[*]}"
 fi
 
-# Whether cargo's record of installed crates shows tansu built with every feature we need (an
-# older install lacks the postgres engine, the stack's durable default).
-tansu_has_features() {
-  python3 - "$TANSU_FEATURES" "${CARGO_HOME:-${HOME:-/root}/.cargo}/.crates2.json" <<'PY'
-import json, sys
-want = set(sys.argv[1].split(","))
-try:
-    installs = json.load(open(sys.argv[2]))["installs"]
-except Exception:
-    sys.exit(1)
-ok = any(k.startswith("tansu ") and want <= set(v.get("features", [])) for k, v in installs.items())
-sys.exit(0 if ok else 1)
-PY
-}
-
-# tansu: the Kafka-protocol broker, built from crates.io with its durable engines (postgres, the
-# stack's default, and sqlite) besides memory.
-if command -v tansu >/dev/null 2>&1 && ! tansu_has_features && [ -z "${COLLOQUY_TANSU_BIN:-}" ]; then
-  log "tansu at $(command -v tansu) lacks features $TANSU_FEATURES: reinstalling"
-  cargo install tansu --version "$TANSU_VERSION" --locked --force --features "$TANSU_FEATURES"
-fi
-if command -v tansu >/dev/null 2>&1; then
-  log "tansu already installed: $(command -v tansu)"
+# tansu: the Kafka-protocol broker, tansu 0.6.0 from crates.io with its durable engines (postgres,
+# the stack's default, and sqlite) besides memory, and Colloquy's fetch patch
+# (infra/tansu/build.sh; it does nothing when the installed one is current). COLLOQUY_TANSU_BIN
+# names another broker binary and skips this.
+if [ -n "${COLLOQUY_TANSU_BIN:-}" ]; then
+  log "COLLOQUY_TANSU_BIN=$COLLOQUY_TANSU_BIN: not building tansu"
 else
-  if pgrep -f "cargo install tansu" >/dev/null 2>&1; then
-    log "another 'cargo install tansu' is running; waiting for it to finish (log: /tmp/tansu-install.log)"
-    while pgrep -f "cargo install tansu" >/dev/null 2>&1; do sleep 10; done
+  lock="/tmp/colloquy-tansu-build.lock"
+  # One build at a time (parallel CI runs on one machine share cargo's bin directory).
+  exec 9>"$lock"
+  if ! flock -n 9; then
+    log "another tansu build is running; waiting for it"
+    flock 9
   fi
-  if command -v tansu >/dev/null 2>&1; then
-    log "tansu installed by the other process: $(command -v tansu)"
-  else
-    if ! command -v cargo >/dev/null 2>&1; then
-      log "cargo not found: install a Rust toolchain first"; exit 1
-    fi
-    log "cargo install tansu --version $TANSU_VERSION --locked --features $TANSU_FEATURES (takes ~11 minutes on 2 cores)"
-    cargo install tansu --version "$TANSU_VERSION" --locked --features "$TANSU_FEATURES"
-    log "tansu installed: $(command -v tansu)"
-  fi
+  "$REPO/infra/tansu/build.sh"
+  flock -u 9
 fi
 
 # Test tools from crates.io: cargo-machete (unused dependencies) and cargo-fuzz (the gateway's

@@ -191,12 +191,12 @@ cmd_up() {
   # If anything below fails (or we are interrupted), stop what was already started.
   trap 'log "start-up failed: stopping what was started"; cmd_down' EXIT
 
-  # Kafka protocol: tansu 0.6. See docs/storage.md for the measurements behind these choices.
+  # Kafka protocol: tansu 0.6 with Colloquy's fetch patch (infra/tansu/build.sh): a fetch is
+  # answered as soon as records arrive, so the consumers' fetch wait (500 ms, librdkafka's
+  # default) only sets how often an idle consumer costs the engine a pass over its partitions.
+  # See docs/storage.md for the measurements behind these choices.
   #   KAFKA_STORAGE=postgres (default): durable (a private PostgreSQL cluster in run/postgres,
-  #     every commit fsynced), a connection pool and prepared statements; carried 478 of 500
-  #     msg/s here where sqlite carried 53. Every consumer fetch costs the engine a pass over its
-  #     partitions and tansu holds each fetch for the full wait, so the fetch wait and the
-  #     partition count set both the idle CPU and each consumer hop's latency: 100 ms and 2.
+  #     every commit fsynced), a connection pool and prepared statements; 2 partitions.
   #   KAFKA_STORAGE=sqlite: durable in run/tansu/tansu.db, but one storage task re-preparing
   #     every statement: a few hundred messages/s at most.
   #   KAFKA_STORAGE=memory: fast (the throughput runs use it), forgets everything on restart.
@@ -206,18 +206,18 @@ cmd_up() {
   case "${KAFKA_STORAGE:-postgres}" in
     sqlite)
       storage="sqlite://tansu.db"   # relative to the working dir, run/tansu
-      kafka_fetch_wait="${KAFKA_FETCH_WAIT_MAX_MS:-100}"
+      kafka_fetch_wait="${KAFKA_FETCH_WAIT_MAX_MS:-500}"
       kafka_partitions="${KAFKA_PARTITIONS:-2}"
       ;;
     memory)
       storage="memory://tansu/"
-      kafka_fetch_wait="${KAFKA_FETCH_WAIT_MAX_MS:-5}"
+      kafka_fetch_wait="${KAFKA_FETCH_WAIT_MAX_MS:-500}"
       kafka_partitions="${KAFKA_PARTITIONS:-8}"
       ;;
     postgres)
       need_port_free "$PG_PORT" postgres
       storage="postgres://postgres@127.0.0.1:$PG_PORT/postgres?sslmode=disable"
-      kafka_fetch_wait="${KAFKA_FETCH_WAIT_MAX_MS:-100}"
+      kafka_fetch_wait="${KAFKA_FETCH_WAIT_MAX_MS:-500}"
       kafka_partitions="${KAFKA_PARTITIONS:-2}"
       start_postgres
       ;;

@@ -86,8 +86,8 @@ COLLOQUY_BIN_DIR="$REPO/target/release" target/release/colloquy-chaos soak --rat
 # The benchmark's short form on the durable default (tansu's postgres engine, 100 ms fetch
 # wait): prints the table of docs/performance.md (rates, an LLM-bound run, a burst, CPU per
 # process); fails only when a run lost, duplicated or invented a message. About 4 minutes.
-log "benchmark, short form, postgres storage (scripts/bench.sh --short --storage postgres --fetch-wait-ms 100)"
-scripts/bench.sh --short --storage postgres --fetch-wait-ms 100
+log "benchmark, short form, postgres storage (scripts/bench.sh --short --storage postgres)"
+scripts/bench.sh --short --storage postgres
 
 # The gateway's fuzz target (client frames and the Connection state machine), a short run:
 # FUZZ_SECS (60) seconds of libFuzzer. cargo-fuzz needs nightly flags: the nightly toolchain

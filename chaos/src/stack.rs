@@ -81,9 +81,9 @@ pub struct StackOptions {
     pub name: String,
     /// The broker's storage engine.
     pub storage: Storage,
-    /// The consumers' `KAFKA_FETCH_WAIT_MAX_MS`; `None`: the services' default (5 ms). tansu
-    /// holds every fetch this long and each fetch costs its engine a pass over the partitions,
-    /// so it sets both the idle CPU and each consumer hop's latency (docs/storage.md).
+    /// The consumers' `KAFKA_FETCH_WAIT_MAX_MS`; `None`: the services' default (500 ms). With
+    /// Colloquy's fetch patch tansu answers as soon as records arrive, so it sets how often an
+    /// idle consumer costs the engine a pass over its partitions (docs/storage.md).
     pub fetch_wait_ms: Option<u64>,
     /// Put nginx in front of the gateways when it is installed (clients then use only nginx).
     pub nginx: bool,

@@ -211,11 +211,13 @@ pub struct KafkaConfig {
         action = clap::ArgAction::Set
     )]
     pub idempotence: bool,
-    /// Longest a consumer fetch waits for data (ms). Keep it low: tansu waits the full time on every fetch.
+    /// Longest a consumer fetch waits for data (ms); a broker answers as soon as records arrive
+    /// (Apache Kafka, and tansu with Colloquy's fetch patch), so this bounds only how often an
+    /// idle consumer asks: librdkafka's own default.
     #[arg(
         long = "kafka-fetch-wait-max-ms",
         env = "KAFKA_FETCH_WAIT_MAX_MS",
-        default_value_t = 5
+        default_value_t = 500
     )]
     pub fetch_wait_max_ms: u64,
     /// A consumer that holds no partitions for this long (seconds) rejoins its group (then
@@ -497,7 +499,7 @@ mod tests {
         let k = KafkaConfig::local("broker:9092");
         assert_eq!(k.bootstrap_servers, "broker:9092");
         assert_eq!(k.partitions, 8);
-        assert_eq!(k.fetch_wait_max_ms, 5);
+        assert_eq!(k.fetch_wait_max_ms, 500);
         assert_eq!(k.group_instance_id, None);
         assert_eq!(k.assignment, Assignment::Group);
         let r = RedisConfig::local("redis://h:1");
