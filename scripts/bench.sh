@@ -9,7 +9,7 @@
 #                        [--write-docs] [--json FILE]
 #   --short        the CI form (about two minutes): 3 rates at 0 ms, one LLM-bound run and a burst
 #   --storage      tansu's engine (default memory; postgres is the durable default of stack.sh)
-#   --fetch-wait-ms  the consumers' fetch wait (default 5; stack.sh uses 100 with postgres)
+#   --fetch-wait-ms  the consumers' fetch wait (default: the services' 500 ms, as stack.sh)
 #   --write-docs   replace the generated section of docs/performance.md with the result
 #   --json FILE    also write every run as JSON
 # Needs tansu and redis-server (scripts/install-deps.sh). Never asserts on timing; exits non-zero

@@ -659,6 +659,51 @@ async fn produce_one_batch(k: &KafkaConfig, topic: &str, n: usize) {
         .expect("produced");
 }
 
+/// Colloquy's tansu patch (`infra/tansu/fetch-wakeup.patch`): a fetch waiting at the broker for
+/// records is answered when they arrive, not when its `fetch.wait.max.ms` runs out. Unpatched
+/// tansu 0.6 sleeps out the wait even after finding records (here it would answer ~13 s after
+/// the produce), which made every consumer hop cost a whole fetch wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_answers_a_waiting_fetch_as_soon_as_records_arrive() {
+    const FETCH_WAIT: Duration = Duration::from_secs(20);
+    let infra = Infra::start().await.unwrap();
+    let k = one_partition(&infra);
+    let topic = unique("wakeup");
+    kafka::ensure_topics(&k, std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &k.bootstrap_servers)
+        .set("group.id", unique("g"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", FETCH_WAIT.as_millis().to_string())
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    // Nothing to read: let the consumer's first fetch reach the broker and wait there.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), consumer.recv())
+            .await
+            .is_err()
+    );
+    let produced = std::time::Instant::now();
+    produce(&k, &topic, 1).await;
+    let msg = tokio::time::timeout(FETCH_WAIT * 2, consumer.recv())
+        .await
+        .expect("the record arrives")
+        .unwrap();
+    let waited = produced.elapsed();
+    assert_eq!(msg.offset(), 0);
+    assert!(
+        waited < FETCH_WAIT / 4,
+        "the record waited {waited:?} for a fetch that waits up to {FETCH_WAIT:?}: is tansu built \
+         with infra/tansu/fetch-wakeup.patch (infra/tansu/build.sh)?"
+    );
+}
+
 /// The broker behaviour behind most of the skipped records (issue 11), reproduced: tansu 0.6's
 /// memory engine answers a fetch that starts inside a record batch from the *next* batch
 /// (`dynostore.rs` `fetch`: batches whose base offset is at or after the fetch offset), where
