@@ -202,29 +202,35 @@ cmd_up() {
   #   KAFKA_STORAGE=memory: fast (the throughput runs use it), forgets everything on restart.
   # Both knobs stay overridable (KAFKA_FETCH_WAIT_MAX_MS, KAFKA_PARTITIONS); partitions only
   # apply to topics the services create, so existing data keeps its count.
-  local storage kafka_fetch_wait kafka_partitions
+  # TANSU_FETCH_MIN_WAIT_MS: how long the (patched) broker holds a fetch before reading, so what
+  # arrives meanwhile goes out in one pass: 100 ms for the durable engines (a pass is a dozen SQL
+  # statements), 5 ms for memory.
+  local storage kafka_fetch_wait kafka_partitions fetch_min_wait
   case "${KAFKA_STORAGE:-postgres}" in
     sqlite)
       storage="sqlite://tansu.db"   # relative to the working dir, run/tansu
       kafka_fetch_wait="${KAFKA_FETCH_WAIT_MAX_MS:-500}"
       kafka_partitions="${KAFKA_PARTITIONS:-2}"
+      fetch_min_wait="${TANSU_FETCH_MIN_WAIT_MS:-100}"
       ;;
     memory)
       storage="memory://tansu/"
       kafka_fetch_wait="${KAFKA_FETCH_WAIT_MAX_MS:-500}"
       kafka_partitions="${KAFKA_PARTITIONS:-8}"
+      fetch_min_wait="${TANSU_FETCH_MIN_WAIT_MS:-5}"
       ;;
     postgres)
       need_port_free "$PG_PORT" postgres
       storage="postgres://postgres@127.0.0.1:$PG_PORT/postgres?sslmode=disable"
       kafka_fetch_wait="${KAFKA_FETCH_WAIT_MAX_MS:-500}"
       kafka_partitions="${KAFKA_PARTITIONS:-2}"
+      fetch_min_wait="${TANSU_FETCH_MIN_WAIT_MS:-100}"
       start_postgres
       ;;
     *) die "KAFKA_STORAGE must be postgres (durable, the default), sqlite or memory, not '${KAFKA_STORAGE}'" ;;
   esac
-  log "Kafka storage: ${KAFKA_STORAGE:-postgres} ($storage); consumers' fetch wait ${kafka_fetch_wait} ms, ${kafka_partitions} partitions per topic"
-  start tansu "$RUN/tansu" RUST_LOG="${TANSU_LOG:-warn}" -- \
+  log "Kafka storage: ${KAFKA_STORAGE:-postgres} ($storage); fetches held ${fetch_min_wait}–${kafka_fetch_wait} ms, ${kafka_partitions} partitions per topic"
+  start tansu "$RUN/tansu" RUST_LOG="${TANSU_LOG:-warn}" TANSU_FETCH_MIN_WAIT_MS="$fetch_min_wait" -- \
     tansu broker \
       --listener-url tcp://127.0.0.1:9092 \
       --advertised-listener-url tcp://127.0.0.1:9092 \

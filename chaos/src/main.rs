@@ -122,7 +122,7 @@ enum Mode {
         short: bool,
         #[arg(long, value_enum, default_value_t = Storage::Memory)]
         storage: Storage,
-        /// The consumers' fetch wait, milliseconds (default: the services' 5 ms).
+        /// The consumers' fetch wait, milliseconds (default: the services' 500 ms).
         #[arg(long)]
         fetch_wait_ms: Option<u64>,
         /// Also write every run as JSON to this file.

@@ -381,7 +381,8 @@ impl Stack {
                 ports.kafka,
                 &opts.storage.engine_url(self.postgres.as_ref())?,
             ))
-            .envs([("RUST_LOG".to_owned(), log_filter)]);
+            .envs([("RUST_LOG".to_owned(), log_filter)])
+            .envs(opts.storage.tansu_env());
         Ok(Member::new(spec, Probe::Tcp(ports.kafka)))
     }
 

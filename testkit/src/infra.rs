@@ -123,7 +123,8 @@ impl Infra {
             Backend::Processes => {
                 let dir = dir.path();
                 let tansu = ProcessSpec::new(&tansu_binary()?, dir, dir.join("tansu.log"))
-                    .args(tansu_args(kafka_port, &opts.storage().engine_url(None)?));
+                    .args(tansu_args(kafka_port, &opts.storage().engine_url(None)?))
+                    .envs(opts.storage().tansu_env());
                 let redis = ProcessSpec::new(&redis_binary()?, dir, dir.join("redis.log"))
                     .args(redis_args(redis_port, &RedisPersistence::None));
                 let mut kafka = Node::Process(ManagedProcess::new(tansu));
@@ -234,6 +235,9 @@ async fn start_tansu_container(
         .with_env_var("ADVERTISED_LISTENER_URL", format!("tcp://127.0.0.1:{port}"))
         .with_mapped_port(port, 9092.tcp())
         .with_startup_timeout(Duration::from_secs(60));
+    for (var, value) in opts.storage().tansu_env() {
+        req = req.with_env_var(var, value);
+    }
     if opts.durable_kafka {
         req = req
             .with_env_var("STORAGE_ENGINE", Storage::Sqlite.engine_url(None)?)

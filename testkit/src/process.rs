@@ -66,7 +66,7 @@ pub fn redis_binary() -> anyhow::Result<PathBuf> {
 /// Where the broker keeps its data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Storage {
-    /// tansu's sqlite engine: survives a broker kill -9 (`scripts/stack.sh`'s default).
+    /// tansu's sqlite engine: survives a broker kill -9; slow (`KAFKA_STORAGE=sqlite`; docs/storage.md).
     Sqlite,
     /// tansu's memory engine: fast, forgets everything when the broker stops
     /// (`KAFKA_STORAGE=memory`, what throughput runs use).
@@ -90,6 +90,36 @@ impl Storage {
             (Self::Postgres, Some(cluster)) => Ok(cluster.engine_url()),
             (Self::Postgres, None) => bail!("tansu's postgres engine needs a PostgreSQL cluster"),
         }
+    }
+}
+
+impl Storage {
+    /// How long the broker holds a fetch before its first read of the storage
+    /// (`TANSU_FETCH_MIN_WAIT_MS` of the patched tansu, infra/tansu/fetch-wakeup.patch): what
+    /// arrives meanwhile goes out in one pass. A pass of the durable engines costs about a
+    /// dozen SQL statements, so they batch 100 ms; the memory engine's passes are cheap (5 ms).
+    /// `TANSU_FETCH_MIN_WAIT_MS` in this process's environment overrides both (measurements).
+    #[must_use]
+    pub fn fetch_min_wait_ms(self) -> u64 {
+        if let Some(ms) = std::env::var("TANSU_FETCH_MIN_WAIT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            return ms;
+        }
+        match self {
+            Self::Memory => 5,
+            Self::Sqlite | Self::Postgres => 100,
+        }
+    }
+
+    /// The broker's environment for this storage.
+    #[must_use]
+    pub fn tansu_env(self) -> Vec<(String, String)> {
+        vec![(
+            "TANSU_FETCH_MIN_WAIT_MS".to_owned(),
+            self.fetch_min_wait_ms().to_string(),
+        )]
     }
 }
 
