@@ -12,8 +12,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use colloquy_ai_consumer::claim::{Claim, Claims, Outcome};
 use colloquy_core::config::KafkaConfig;
-use colloquy_core::names::Names;
 use colloquy_core::kafka::TopicReader;
+use colloquy_core::names::Names;
 use colloquy_core::offset_gaps::GapDetector;
 use colloquy_core::wire::{ErrorCode, EventId, ServerFrame};
 use colloquy_core::{UserId, kafka};
