@@ -160,11 +160,10 @@ impl GapDetector {
             Some((missing, n)) if missing == expected => n,
             _ => 0,
         };
-        // A seek to the same offset fetches the same nothing: go back from the first try.
-        let attempts = attempts.max(1);
-        if attempts >= MAX_HEAL_ATTEMPTS {
-            return None;
-        }
+        // A seek to the same offset fetches the same nothing: go back from the first try. A
+        // stall is never given up (no later record would ever reveal it): past the last
+        // attempt, every check seeks back the farthest again.
+        let attempts = attempts.clamp(1, MAX_HEAL_ATTEMPTS - 1);
         state.healing = Some((expected, attempts + 1));
         Some((expected, seek_target(expected, attempts)))
     }
@@ -421,6 +420,26 @@ mod tests {
             "progress resets the check"
         );
         assert_eq!(g.stalled(0, fetch(8, 8, 0)), None);
+    }
+
+    #[test]
+    fn a_stall_is_never_given_up() {
+        // Nothing after the stuck batch will ever reveal the gap, so every check past the
+        // last attempt seeks back the farthest again (CI saw a consumer abandon one for good).
+        let mut g = GapDetector::default();
+        g.expect(0, 5_000);
+        let stuck = FetchState {
+            high_watermark: 5_010,
+            position: 5_000,
+            queued: 0,
+        };
+        assert_eq!(g.stalled(0, stuck), None, "first sight");
+        let seeks: Vec<i64> = (0..MAX_HEAL_ATTEMPTS + 5)
+            .map(|_| g.stalled(0, stuck).expect("still healing").1)
+            .collect();
+        assert_eq!(seeks[0], 5_000 - 16);
+        assert!(seeks.windows(2).all(|w| w[1] <= w[0]), "{seeks:?}");
+        assert_eq!(*seeks.last().unwrap(), 5_000 - 2_048);
     }
 
     #[test]

@@ -524,7 +524,9 @@ async fn concurrent_producers_then_every_offset_is_read_once_healed() {
     let mut seen = BTreeSet::new();
     while seen.len() < PRODUCERS * PER_PRODUCER {
         reader.rebalanced(&membership);
-        let msg = tokio::time::timeout(T, reader.next(&consumer, true, &shutdown))
+        // Longer than `T`: a stall inside a large batch at the tail is healed by seeking back
+        // 16, 32, … records, one seek per stall check (2 s) on statistics up to 5 s old.
+        let msg = tokio::time::timeout(T * 4, reader.next(&consumer, true, &shutdown))
             .await
             .expect("records stopped arriving")
             .expect("not shut down");
