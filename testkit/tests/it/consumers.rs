@@ -587,7 +587,12 @@ async fn tansu_memory_engine_hands_out_offsets_past_a_batch_still_being_stored()
     kafka::ensure_topics(&k, std::slice::from_ref(&topic))
         .await
         .unwrap();
-    let consumer = plain_consumer(&k.bootstrap_servers, &topic);
+    let consumer = plain_consumer(
+        &k.bootstrap_servers,
+        &topic,
+        rdkafka::Offset::Beginning,
+        Duration::from_millis(5),
+    );
     let writers = produce_in_pairs(&k, &topic, producers, per_producer);
     let total = (producers * per_producer) as i64;
     let mut next = 0_i64;
@@ -626,17 +631,21 @@ async fn tansu_memory_engine_hands_out_offsets_past_a_batch_still_being_stored()
 
 /// A librdkafka consumer with its default settings, assigned partition 0 of `topic` from the
 /// beginning.
-fn plain_consumer(bootstrap: &str, topic: &str) -> rdkafka::consumer::StreamConsumer {
+fn plain_consumer(
+    bootstrap: &str,
+    topic: &str,
+    from: rdkafka::Offset,
+    fetch_wait: Duration,
+) -> rdkafka::consumer::StreamConsumer {
     let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("g"))
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
+        .set("fetch.wait.max.ms", fetch_wait.as_millis().to_string())
         .create()
         .expect("consumer");
     let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
-        .expect("partition");
+    tpl.add_partition_offset(topic, 0, from).expect("partition");
     consumer.assign(&tpl).expect("assigned");
     consumer
 }
@@ -680,17 +689,12 @@ async fn the_broker_answers_a_waiting_fetch_as_soon_as_records_arrive() {
     kafka::ensure_topics(&k, std::slice::from_ref(&topic))
         .await
         .unwrap();
-    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &k.bootstrap_servers)
-        .set("group.id", unique("g"))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", FETCH_WAIT.as_millis().to_string())
-        .create()
-        .expect("consumer");
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
+    let consumer = plain_consumer(
+        &k.bootstrap_servers,
+        &topic,
+        rdkafka::Offset::Beginning,
+        FETCH_WAIT,
+    );
     // Nothing to read: let the consumer's first fetch reach the broker and wait there.
     assert!(
         tokio::time::timeout(Duration::from_secs(2), consumer.recv())
@@ -729,16 +733,13 @@ async fn tansu_memory_engine_skips_the_rest_of_a_batch_when_a_fetch_starts_insid
         .unwrap();
     produce_one_batch(&k, &topic, 10).await;
     produce_one_batch(&k, &topic, 10).await;
-    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &k.bootstrap_servers)
-        .set("group.id", unique("g"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(5))
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
+    // librdkafka's default fetch wait.
+    let consumer = plain_consumer(
+        &k.bootstrap_servers,
+        &topic,
+        rdkafka::Offset::Offset(5),
+        Duration::from_millis(500),
+    );
     let first = tokio::time::timeout(T, consumer.recv())
         .await
         .expect("a record")
