@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Builds and installs the broker Colloquy runs on: tansu 0.6.0 from crates.io, with its
-# postgres, sqlite (libsql) and memory (dynostore) engines and one patch,
-# infra/tansu/fetch-wakeup.patch (tansu-storage's fetch returns as soon as records arrive
-# instead of sleeping out the consumer's whole `fetch.wait.max.ms`; docs/storage.md says why).
+# postgres, sqlite (libsql) and memory (dynostore) engines and one patch to tansu-storage,
+# infra/tansu/tansu-storage.patch: a fetch returns as soon as records arrive instead of sleeping
+# out the consumer's whole `fetch.wait.max.ms`; an unknown topic's fetch answer names no leader
+# (librdkafka 2.12 crashed on it); the memory engine answers a fetch from the batch holding its
+# offset, never past a batch still being stored, from an index instead of a list of the whole
+# partition (docs/storage.md says why).
 #
 # The crates come from crates.io (a throwaway project's `cargo fetch`), the build keeps tansu's
 # published Cargo.lock (only tansu-storage moves to the patched copy), and the binary goes to
@@ -21,7 +24,7 @@ export PATH="$CARGO_HOME/bin:$PATH"
 
 VERSION="0.6.0"
 FEATURES="libsql,dynostore,postgres"
-PATCH="$HERE/fetch-wakeup.patch"
+PATCH="$HERE/tansu-storage.patch"
 STAMP_FILE="$CARGO_HOME/bin/.tansu-colloquy-stamp"
 stamp="tansu $VERSION features=$FEATURES patch=$(sha256sum "$PATCH" | cut -c1-16)"
 

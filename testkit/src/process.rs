@@ -95,7 +95,7 @@ impl Storage {
 
 impl Storage {
     /// How long the broker holds a fetch before its first read of the storage
-    /// (`TANSU_FETCH_MIN_WAIT_MS` of the patched tansu, infra/tansu/fetch-wakeup.patch): what
+    /// (`TANSU_FETCH_MIN_WAIT_MS` of the patched tansu, infra/tansu/tansu-storage.patch): what
     /// arrives meanwhile goes out in one pass. A pass of the durable engines costs about a
     /// dozen SQL statements, so they batch 100 ms; the memory engine's passes are cheap (5 ms).
     /// `TANSU_FETCH_MIN_WAIT_MS` in this process's environment overrides both (measurements).
