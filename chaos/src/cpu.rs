@@ -1,7 +1,8 @@
 //! CPU time of processes, from Linux `/proc/<pid>/stat`, for the benchmark's per-process figures.
 //!
-//! A process's figure includes its direct children (nginx's master does nothing; its worker does
-//! the work). Times are in clock ticks of 1/100 s: Linux reports `/proc` times in `USER_HZ`,
+//! A process's figure includes its direct children that are not measured themselves (nginx's
+//! master does nothing, its worker does the work; the benchmark, which spawned the whole stack,
+//! is the load generator alone). Times are in clock ticks of 1/100 s: Linux reports `/proc` times in `USER_HZ`,
 //! which is 100 on every architecture it supports.
 
 use std::collections::HashMap;
@@ -24,13 +25,13 @@ pub fn parse_stat(stat: &str) -> Option<(u32, u64)> {
     Some((ppid, utime + stime))
 }
 
-/// CPU ticks used so far by each of `pids` and its direct children (`None`: exited).
+/// CPU ticks used so far by each of `pids` and its direct children that are not in `pids`
+/// (absent: exited).
 #[must_use]
 pub fn ticks(pids: &[u32]) -> HashMap<u32, u64> {
-    let mut own: HashMap<u32, u64> = HashMap::new();
-    let mut children: HashMap<u32, u64> = HashMap::new();
+    let mut stats = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return own;
+        return HashMap::new();
     };
     for entry in dir.flatten() {
         let Some(pid) = entry
@@ -46,10 +47,20 @@ pub fn ticks(pids: &[u32]) -> HashMap<u32, u64> {
         let Some((ppid, t)) = parse_stat(&text) else {
             continue;
         };
+        stats.push((pid, ppid, t));
+    }
+    attribute(&stats, pids)
+}
+
+/// Ticks per measured pid from `(pid, ppid, ticks)` rows: its own, plus those of its direct
+/// children that are not measured themselves (counted once, under their own pid).
+fn attribute(stats: &[(u32, u32, u64)], pids: &[u32]) -> HashMap<u32, u64> {
+    let mut own: HashMap<u32, u64> = HashMap::new();
+    let mut children: HashMap<u32, u64> = HashMap::new();
+    for &(pid, ppid, t) in stats {
         if pids.contains(&pid) {
             *own.entry(pid).or_default() += t;
-        }
-        if pids.contains(&ppid) {
+        } else if pids.contains(&ppid) {
             *children.entry(ppid).or_default() += t;
         }
     }
@@ -78,6 +89,17 @@ mod tests {
         assert_eq!(parse_stat(stat), Some((17, 325)));
         assert_eq!(parse_stat("garbage"), None);
         assert_eq!(parse_stat("1 (init) S"), None);
+    }
+
+    #[test]
+    fn a_measured_child_is_counted_once_under_its_own_pid() {
+        // The benchmark (1) spawned nginx (2, whose worker is 3) and a gateway (4).
+        let stats = [(1, 0, 10), (2, 1, 1), (3, 2, 50), (4, 1, 40), (5, 99, 7)];
+        let got = attribute(&stats, &[1, 2, 4]);
+        assert_eq!(got.get(&1), Some(&10), "the load generator alone");
+        assert_eq!(got.get(&2), Some(&51), "nginx with its worker");
+        assert_eq!(got.get(&4), Some(&40));
+        assert_eq!(got.len(), 3);
     }
 
     #[test]
