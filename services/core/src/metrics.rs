@@ -282,7 +282,7 @@ pub const CONTRACT: &[MetricDef] = &[
         labels: &["service", "topic"],
         services: KAFKA_CONSUMERS,
         zero: Zero::PerTopic,
-        help: "Jumps in a partition's offsets seen by a consumer, each healed by seeking back (tansu 0.6's memory engine causes them under load)",
+        help: "Jumps in a partition's offsets seen by a consumer, each healed by seeking back (tansu 0.6.0's memory engine, unpatched, causes them under load)",
     },
     MetricDef {
         name: RECORDS_LOST,
