@@ -2,8 +2,8 @@
 //!
 //! A process's figure includes its direct children that are not measured themselves (nginx's
 //! master does nothing, its worker does the work; the benchmark, which spawned the whole stack,
-//! is the load generator alone). Times are in clock ticks of 1/100 s: Linux reports `/proc` times in `USER_HZ`,
-//! which is 100 on every architecture it supports.
+//! is the load generator alone). Times are in clock ticks of 1/100 s: Linux reports `/proc`
+//! times in `USER_HZ`, which is 100 on every architecture it supports.
 
 use std::collections::HashMap;
 
