@@ -763,6 +763,47 @@ async fn a_fetch_inside_a_batch_is_answered_from_that_batch() {
     );
 }
 
+/// ListOffsets: the earliest offset is the log start and the latest the high watermark.
+/// tansu 0.6.0's memory engine answered with the batch stored first or last: "latest" after a
+/// 10-record batch was 1 (its base + 1), so a consumer starting at the end was handed records
+/// 1..=9 produced before it came; "earliest" under concurrent produces could be the batch at 2,
+/// stored before the one at 0, and a consumer reset to the beginning skipped 0 and 1 (seen in CI
+/// by `concurrent_producers_never_make_the_broker_skip_an_offset`). The patched broker answers
+/// from the watermarks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_at_the_end_starts_at_the_high_watermark() {
+    let infra = Infra::start().await.unwrap();
+    let k = one_partition(&infra);
+    let topic = unique("latest");
+    kafka::ensure_topics(&k, std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    produce_one_batch(&k, &topic, 10).await;
+    let consumer = plain_consumer(
+        &k.bootstrap_servers,
+        &topic,
+        rdkafka::Offset::End,
+        Duration::from_millis(100),
+    );
+    // Let the consumer resolve "the end" before the next record exists.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), consumer.recv())
+            .await
+            .is_err(),
+        "nothing new yet, so nothing to hand out"
+    );
+    produce_one_batch(&k, &topic, 1).await;
+    let first = tokio::time::timeout(T, consumer.recv())
+        .await
+        .expect("the new record")
+        .unwrap();
+    assert_eq!(
+        first.offset(),
+        10,
+        "a consumer at the end must start at the high watermark (tansu 0.6.0 said 1)"
+    );
+}
+
 /// The defence against it: a consumer restarted at a committed offset inside a batch (and so
 /// handed the next batch first) sees the gap, seeks further back, skips what it had processed
 /// and processes every record from the committed offset on, once.
