@@ -10,15 +10,29 @@ use colloquy_core::metrics::missing_from;
 use colloquy_core::wire::ServerFrame;
 use colloquy_testkit::client::{WsClient, fetch_token};
 use colloquy_testkit::otlp::{AttrValue, OtlpReceiver, ReceivedSpan, SpanKind};
+use colloquy_testkit::process::Storage;
 
 const T: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_message_is_one_trace_across_three_processes_and_each_exposes_its_metrics() {
+    one_trace_on(Storage::Sqlite).await;
+}
+
+/// The trace context travels in Kafka record headers, which tansu's postgres engine stores in
+/// a table of its own (and Colloquy's patch reads for a whole fetch at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_message_is_one_trace_on_the_durable_default_storage() {
+    one_trace_on(Storage::Postgres).await;
+}
+
+#[allow(clippy::unwrap_used, reason = "the body of the two tests above")]
+async fn one_trace_on(storage: Storage) {
     let receiver = OtlpReceiver::start().await.expect("OTLP receiver");
     let mut opts = StackOptions {
         name: "telemetry".into(),
         nginx: false,
+        storage,
         ..StackOptions::default()
     };
     opts.telemetry.otlp_endpoint = Some(receiver.endpoint());

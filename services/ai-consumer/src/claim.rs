@@ -14,22 +14,32 @@
 //! client's resend of the same message id (a new nonce): a resend after a failure is answered
 //! anew, a resend after an answer gets the stored answer again. The nonce is the gateway's
 //! receive time of that send (`received_at_ms`), which every copy of one record shares.
+//!
+//! The user's conversation memory (`crate::memory`) rides on the claim's two ends: acquiring
+//! a claim reads it, completing one with an answer appends the exchange. A message costs the
+//! ai-consumer two Redis round trips (claim, complete), plus a renewal per third of a lease
+//! for a slow model.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fred::prelude::*;
+use fred::types::MultipleKeys;
 use fred::types::scripts::Script;
 
 use colloquy_core::UserId;
 use colloquy_core::names::Names;
 
+use crate::llm::Turn;
+use crate::memory::Memory;
+
 /// The state of a message's claim, as seen by one consumer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// This consumer holds the lease: answer the message.
-    Acquired,
+    /// This consumer holds the lease: answer the message, with the user's recent turns (read
+    /// by the same script; empty when memory is off).
+    Acquired { history: Vec<Turn> },
     /// This very record was handled already (a redelivery): skip it.
     AlreadyDone,
     /// The message id was answered for an earlier send: deliver the stored answer again.
@@ -40,40 +50,42 @@ pub enum Claim {
 
 /// How a message ended, recorded in its claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Answered,
+pub enum Outcome<'a> {
+    /// Answered; the exchange (question, answer) goes into the user's memory.
+    Answered {
+        question: &'a str,
+        answer: &'a str,
+    },
     Failed,
 }
 
-/// KEYS: claim. ARGV: lease value, lease ms, nonce, take over own lease (0/1).
+/// KEYS: claim, memory. ARGV: lease value, lease ms, nonce, take over own lease (0/1), memory
+/// entries to read (0: none). Returns `{state}`, or `{'acquired', memory entries...}`.
 const CLAIM_LUA: &str = r"
 local v = redis.call('GET', KEYS[1])
+local acquire = false
 if not v then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 'acquired'
-end
-if v == ARGV[1] then
-  if ARGV[4] == '1' then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-    return 'acquired'
+  acquire = true
+elseif v == ARGV[1] then
+  if ARGV[4] ~= '1' then return {'leased'} end
+  acquire = true
+else
+  local kind = string.sub(v, 1, 2)
+  if v == 'done' or (kind == 'D|' and string.sub(v, 3) == ARGV[3]) then
+    return {'done'}
   end
-  return 'leased'
+  if kind == 'D|' then return {'answered'} end
+  if kind ~= 'F|' then return {'leased'} end
+  if string.sub(v, 3) == ARGV[3] then return {'done'} end
+  acquire = true
 end
-local kind = string.sub(v, 1, 2)
-if v == 'done' or (kind == 'D|' and string.sub(v, 3) == ARGV[3]) then
-  return 'done'
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local out = {}
+if ARGV[5] ~= '0' then
+  out = redis.call('LRANGE', KEYS[2], -tonumber(ARGV[5]), -1)
 end
-if kind == 'D|' then
-  return 'answered'
-end
-if kind == 'F|' then
-  if string.sub(v, 3) == ARGV[3] then
-    return 'done'
-  end
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 'acquired'
-end
-return 'leased'
+table.insert(out, 1, 'acquired')
+return out
 ";
 
 /// KEYS: claim. ARGV: lease value, lease ms. Extends the lease only if this consumer holds it.
@@ -94,14 +106,25 @@ end
 return 0
 ";
 
-/// KEYS: claim. ARGV: lease value, final value, ttl ms. Writes the outcome unless another
-/// consumer holds the lease now (it took over an expired one; its outcome will be written).
+/// KEYS: claim, memory. ARGV: lease value, final value, ttl ms, memory entries kept (0: none),
+/// memory ttl ms, then the exchange's two entries when answered. Writes the outcome (and the
+/// exchange) unless another consumer holds the lease now (it took over an expired one; its
+/// outcome will be written). A call retried after its reply was lost finds its own outcome
+/// written and changes nothing, so the exchange is remembered once.
 const COMPLETE_LUA: &str = r"
 local v = redis.call('GET', KEYS[1])
+if v == ARGV[2] then
+  return 1
+end
 if v and v ~= ARGV[1] and string.sub(v, 1, 2) == 'L|' then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if ARGV[4] ~= '0' and #ARGV >= 7 then
+  redis.call('RPUSH', KEYS[2], ARGV[6], ARGV[7])
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
 return 1
 ";
 
@@ -116,6 +139,7 @@ pub struct Claims {
     /// Claims this process is working on now: a lease with our owner id that is not in
     /// here was left by an earlier incarnation (same static instance id) and is taken over.
     working: Arc<Mutex<HashSet<String>>>,
+    memory: Memory,
     scripts: Arc<[Script; 4]>,
 }
 
@@ -127,6 +151,7 @@ impl Claims {
         owner: &str,
         lease: Duration,
         done_ttl: Duration,
+        memory: Memory,
     ) -> Self {
         Self {
             redis,
@@ -135,6 +160,7 @@ impl Claims {
             lease,
             done_ttl,
             working: Arc::default(),
+            memory,
             scripts: Arc::new([
                 Script::from_lua(CLAIM_LUA),
                 Script::from_lua(RENEW_LUA),
@@ -159,41 +185,45 @@ impl Claims {
     async fn eval<R: FromValue>(
         &self,
         script: usize,
-        key: String,
+        keys: impl Into<MultipleKeys> + Send,
         args: Vec<String>,
     ) -> Result<R, Error> {
         let client = self.redis.next();
         self.scripts[script]
-            .evalsha_with_reload(client, key, args)
+            .evalsha_with_reload(client, keys, args)
             .await
     }
 
-    /// Tries to take the lease on `msg_id` for the send identified by `nonce`.
+    /// Tries to take the lease on `msg_id` for the send identified by `nonce`; an acquired
+    /// claim carries the user's recent turns (one round trip for both).
     ///
     /// # Errors
     /// When Redis fails (the caller retries; a message is never skipped for that).
     pub async fn claim(&self, user: &UserId, msg_id: &str, nonce: i64) -> Result<Claim, Error> {
         let key = self.names.done_key(user, msg_id);
         let take_over = !self.working().contains(&key);
-        let state: String = self
+        let reply: Vec<String> = self
             .eval(
                 0,
-                key.clone(),
+                vec![key.clone(), self.names.memory_key(user)],
                 vec![
                     self.lease_value.clone(),
                     self.lease.as_millis().to_string(),
                     nonce.to_string(),
                     if take_over { "1" } else { "0" }.to_owned(),
+                    self.memory.entries().to_string(),
                 ],
             )
             .await?;
-        Ok(match state.as_str() {
-            "acquired" => {
+        Ok(match reply.split_first() {
+            Some((state, history)) if state == "acquired" => {
                 self.working().insert(key);
-                Claim::Acquired
+                Claim::Acquired {
+                    history: Memory::decode(history),
+                }
             }
-            "done" => Claim::AlreadyDone,
-            "answered" => Claim::AnsweredBefore,
+            Some((state, _)) if state == "done" => Claim::AlreadyDone,
+            Some((state, _)) if state == "answered" => Claim::AnsweredBefore,
             _ => Claim::Leased,
         })
     }
@@ -226,32 +256,36 @@ impl Claims {
     }
 
     /// Records the outcome of the send `nonce` of `msg_id` (its answer or failure is in
-    /// `responses`); `false` when another consumer had taken the lease over meanwhile.
+    /// `responses`) and, for an answer, appends the exchange to the user's memory, in one
+    /// script; `false` when another consumer had taken the lease over meanwhile (nothing is
+    /// written then: that consumer records its own outcome and exchange).
     ///
     /// # Errors
-    /// When Redis fails.
+    /// When Redis fails (retrying is safe: a retry finds its outcome written and adds nothing).
     pub async fn complete(
         &self,
         user: &UserId,
         msg_id: &str,
         nonce: i64,
-        outcome: Outcome,
+        outcome: Outcome<'_>,
     ) -> Result<bool, Error> {
         let key = self.names.done_key(user, msg_id);
-        let value = match outcome {
-            Outcome::Answered => format!("D|{nonce}"),
-            Outcome::Failed => format!("F|{nonce}"),
+        let (value, exchange) = match outcome {
+            Outcome::Answered { question, answer } => {
+                (format!("D|{nonce}"), Some(Memory::encode(question, answer)))
+            }
+            Outcome::Failed => (format!("F|{nonce}"), None),
         };
+        let mut args = vec![
+            self.lease_value.clone(),
+            value,
+            self.done_ttl.as_millis().to_string(),
+            self.memory.entries().to_string(),
+            self.memory.ttl().as_millis().to_string(),
+        ];
+        args.extend(exchange.into_iter().flatten());
         let written: i64 = self
-            .eval(
-                3,
-                key.clone(),
-                vec![
-                    self.lease_value.clone(),
-                    value,
-                    self.done_ttl.as_millis().to_string(),
-                ],
-            )
+            .eval(3, vec![key.clone(), self.names.memory_key(user)], args)
             .await?;
         self.working().remove(&key);
         Ok(written == 1)

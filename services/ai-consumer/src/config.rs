@@ -21,9 +21,15 @@ pub struct ConsumerConfig {
     /// Kafka consumer group.
     #[arg(long, env = "CONSUMER_GROUP", default_value = "ai-consumer")]
     pub group: String,
-    /// Messages answered at once across all partitions (the original's pool had 50 threads).
+    /// LLM calls in flight at once across all partitions (the original's pool had 50 threads),
+    /// retries and their backoff included.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 50)]
     pub max_in_flight: usize,
+    /// Messages being answered at once (claimed, waiting for or in an LLM call, or writing
+    /// their answer), at least `MAX_IN_FLIGHT`. Writing an answer durably takes a broker round
+    /// trip after the LLM call; those messages wait here rather than in an LLM slot.
+    #[arg(long, env = "MAX_ACTIVE", default_value_t = 200)]
+    pub max_active: usize,
     /// Messages read and waiting for their user's lane, across users, before the consumer
     /// pauses its partitions (it keeps polling, so the group does not evict it).
     #[arg(long, env = "MAX_QUEUED", default_value_t = 2_000)]
@@ -123,6 +129,7 @@ impl ToEnv for ConsumerConfig {
             metrics_listen,
             group,
             max_in_flight,
+            max_active,
             max_queued,
             max_queued_per_user,
             base_url,
@@ -146,6 +153,7 @@ impl ToEnv for ConsumerConfig {
             ("metrics_listen", Some(metrics_listen.to_string())),
             ("group", Some(group.clone())),
             ("max_in_flight", Some(max_in_flight.to_string())),
+            ("max_active", Some(max_active.to_string())),
             ("max_queued", Some(max_queued.to_string())),
             ("max_queued_per_user", Some(max_queued_per_user.to_string())),
             ("base_url", Some(base_url.clone())),
@@ -183,6 +191,7 @@ mod tests {
         assert_eq!(c.metrics_listen.port(), 0);
         assert_eq!(c.group, "ai-consumer");
         assert_eq!(c.max_in_flight, 50);
+        assert_eq!(c.max_active, 200);
         assert!(c.stream);
         assert!(c.api_key.is_none());
     }
@@ -193,6 +202,7 @@ mod tests {
             metrics_listen: "127.0.0.1:4321".parse().unwrap(),
             group: "g".into(),
             max_in_flight: 1,
+            max_active: 4,
             max_queued: 2,
             max_queued_per_user: 3,
             base_url: "http://llm:1/v1".into(),

@@ -103,20 +103,22 @@ impl RecordUnreadable<'_> {
     }
 }
 
-/// A message is being answered (`Entered`) or no longer is (`Left`).
-#[derive(Clone, Copy, Debug)]
-pub enum InFlight {
-    Entered,
-    Left,
-}
+/// An LLM call in flight (its retries included): counted in the gauge while it lives, so a
+/// call that ends by a panic or cancellation leaves the gauge too.
+#[derive(Debug)]
+pub struct InFlight(());
 
 impl InFlight {
-    pub fn emit(self) {
-        let gauge = metrics::gauge!(m::LLM_IN_FLIGHT);
-        match self {
-            Self::Entered => gauge.increment(1.0),
-            Self::Left => gauge.decrement(1.0),
-        }
+    #[must_use]
+    pub fn enter() -> Self {
+        metrics::gauge!(m::LLM_IN_FLIGHT).increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(m::LLM_IN_FLIGHT).decrement(1.0);
     }
 }
 
@@ -183,27 +185,6 @@ impl RedisFailed<'_> {
                 "Redis failed"
             );
         }
-        redis_errors(self.op);
-    }
-}
-
-/// The user's memory could not be read or written; the answer goes on without it.
-#[derive(Debug)]
-pub struct MemoryFailed<'a> {
-    /// [`RedisOp::MemoryRead`] or [`RedisOp::MemoryWrite`].
-    pub op: RedisOp,
-    pub userid: &'a str,
-    pub error: &'a (dyn Error + 'a),
-}
-
-impl MemoryFailed<'_> {
-    pub fn emit(&self) {
-        let message = if self.op == RedisOp::MemoryWrite {
-            "memory not updated"
-        } else {
-            "memory unavailable; answering without it"
-        };
-        tracing::warn!(userid = self.userid, error = %ErrorChain(self.error), "{message}");
         redis_errors(self.op);
     }
 }

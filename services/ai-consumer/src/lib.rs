@@ -1,6 +1,7 @@
 //! Colloquy's AI consumer: `incoming_messages` → LLM → `responses`.
 //!
-//! Up to `max_in_flight` messages are answered at once across all partitions; a user's
+//! Up to `max_active` messages are answered at once across all partitions, of which up to
+//! `max_in_flight` are in an LLM call (the rest are claiming, or writing their answer); a user's
 //! messages are answered in order (one lane per user, [`lanes`]); offsets are stored only up
 //! to the lowest unfinished offset of each partition ([`offsets`]); every record's offset is
 //! checked for gaps (a skipped record is fetched again, `colloquy_core::offset_gaps`); when
@@ -38,7 +39,7 @@ use colloquy_core::{kafka, now_ms};
 
 use crate::claim::Claims;
 use crate::config::ConsumerConfig;
-use crate::events::{AnswerPanicked, InFlight, RecordUnreadable};
+use crate::events::{AnswerPanicked, RecordUnreadable};
 use crate::lanes::{Lanes, Pushed, Step, run_lane};
 use crate::llm::LlmClient;
 use crate::memory::Memory;
@@ -61,6 +62,7 @@ pub struct Application {
     worker: Arc<Worker>,
     incoming_topic: String,
     max_in_flight: usize,
+    max_active: usize,
     max_queued: usize,
     max_queued_per_user: usize,
     rejoin_after: Duration,
@@ -141,18 +143,14 @@ impl Application {
         .context("HTTP client")?;
         let worker = Arc::new(Worker {
             llm,
+            llm_slots: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
             claims: Claims::new(
                 pool.clone(),
                 names.clone(),
                 &owner,
                 Duration::from_secs(cfg.lease_secs.max(3)),
                 Duration::from_secs(cfg.done_ttl_secs),
-            ),
-            memory: Memory::new(
-                pool.clone(),
-                names.clone(),
-                cfg.memory_turns,
-                Duration::from_secs(cfg.memory_ttl_secs),
+                Memory::new(cfg.memory_turns, Duration::from_secs(cfg.memory_ttl_secs)),
             ),
             redis: pool,
             dead_letters: DeadLetters::new(
@@ -179,6 +177,7 @@ impl Application {
             worker,
             incoming_topic,
             max_in_flight: cfg.max_in_flight.max(1),
+            max_active: cfg.max_active.max(cfg.max_in_flight).max(1),
             max_queued: cfg.max_queued.max(1),
             max_queued_per_user: cfg.max_queued_per_user.max(1),
             rejoin_after: Duration::from_secs(kcfg.rejoin_after_secs.max(1)),
@@ -201,7 +200,7 @@ impl Application {
     /// # Errors
     /// Only on unrecoverable set-up failures; per-message errors are handled inside.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let permits = Arc::new(Semaphore::new(self.max_in_flight));
+        let permits = Arc::new(Semaphore::new(self.max_active));
         let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
         let lanes: Arc<Lanes<Job>> = Arc::new(Lanes::default());
         let progress = Arc::new(Notify::new());
@@ -214,7 +213,7 @@ impl Application {
             self.rejoin_after,
             self.stop.clone(),
         ));
-        tracing::info!(topic = %self.incoming_topic, max_in_flight = self.max_in_flight, "ai-consumer running");
+        tracing::info!(topic = %self.incoming_topic, max_in_flight = self.max_in_flight, max_active = self.max_active, "ai-consumer running");
         loop {
             // A rebalance: per-partition state of what we no longer hold is forgotten, and
             // reading restarts from committed offsets (a rewind, never a gap).
@@ -325,17 +324,11 @@ impl Application {
                     &stop,
                     |job| {
                         let worker = Arc::clone(&worker);
-                        async move {
-                            InFlight::Entered.emit();
-                            let handled = worker.handle(&job).await;
-                            InFlight::Left.emit();
-                            step(handled)
-                        }
+                        async move { step(worker.handle(&job).await) }
                     },
                     |job, panic| {
                         let worker = Arc::clone(&recovery);
                         async move {
-                            InFlight::Left.emit();
                             AnswerPanicked {
                                 userid: job.record.userid.as_str(),
                                 msg_id: &job.record.msg_id,

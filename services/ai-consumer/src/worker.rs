@@ -13,6 +13,7 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -29,11 +30,10 @@ use colloquy_core::{kafka, now_ms};
 
 use crate::claim::{Claim, Claims, Outcome};
 use crate::events::{
-    self, AnswerFailed, DeltaDropped, DuplicateSkipped, LeaseRenewFailed, MemoryFailed,
+    self, AnswerFailed, DeltaDropped, DuplicateSkipped, InFlight, LeaseRenewFailed,
     MessageDequeued, MessageHandled, RedisFailed,
 };
 use crate::llm::{DeltaSink, LlmClient, LlmError, NoDeltas, Role, Turn};
-use crate::memory::Memory;
 
 /// A consumed message waiting to be answered.
 #[derive(Debug)]
@@ -84,8 +84,10 @@ enum Stored {
 /// Everything needed to answer messages.
 pub struct Worker {
     pub llm: LlmClient,
+    /// One permit per LLM call in flight (`MAX_IN_FLIGHT`), held for the call and its retries
+    /// only: claiming before it and writing the answer after it take no slot.
+    pub llm_slots: Arc<Semaphore>,
     pub claims: Claims,
-    pub memory: Memory,
     pub redis: Pool,
     pub names: Names,
     /// The consumer group, for the spans.
@@ -175,8 +177,7 @@ impl Worker {
 
     async fn answer(self: &Arc<Self>, job: &Job) -> Handled {
         let r = &job.record;
-        // 1. Claim, waiting out another consumer's lease; read the memory meanwhile.
-        let history = self.memory.recent(&r.userid);
+        // 1. Claim, waiting out another consumer's lease; the claim brings the user's memory.
         let claimed = async {
             loop {
                 let claim = self
@@ -189,10 +190,10 @@ impl Worker {
                     Err(e) => {
                         // Redis refuses the claim for good: answering unclaimed risks a
                         // second charge on a redelivery, silence would lose the message.
-                        tracing::error!(error = %e, "claim impossible; answering without it");
-                        return Ok(());
+                        tracing::error!(error = %e, "claim impossible; answering without it (and without memory)");
+                        return Ok(Vec::new());
                     }
-                    Ok(Claim::Acquired) => return Ok(()),
+                    Ok(Claim::Acquired { history }) => return Ok(history),
                     Ok(Claim::AlreadyDone) => {
                         DuplicateSkipped {
                             userid: r.userid.as_str(),
@@ -211,24 +212,17 @@ impl Worker {
                 }
             }
         };
-        let (claimed, history) = tokio::join!(claimed, history);
-        if let Err(handled) = claimed {
-            return handled;
-        }
-        // 2. Memory (best effort: an answer without context beats no answer).
-        let mut turns = vec![Turn {
+        let history = match claimed.await {
+            Ok(history) => history,
+            Err(handled) => return handled,
+        };
+        // 2. The prompt: the system prompt, the user's memory, the message.
+        let mut turns = Vec::with_capacity(history.len() + 2);
+        turns.push(Turn {
             role: Role::System,
             content: self.system_prompt.clone(),
-        }];
-        match history {
-            Ok(history) => turns.extend(history),
-            Err(e) => MemoryFailed {
-                op: RedisOp::MemoryRead,
-                userid: r.userid.as_str(),
-                error: &e,
-            }
-            .emit(),
-        }
+        });
+        turns.extend(history);
         turns.push(Turn {
             role: Role::User,
             content: r.content.clone(),
@@ -239,9 +233,18 @@ impl Worker {
         let mut batcher = DeltaBatcher::new(self, job);
         let mut none = NoDeltas;
         let deltas: &mut dyn DeltaSink = if self.stream { &mut batcher } else { &mut none };
-        let call = self.llm.complete(&turns, deltas);
+        let call = async {
+            // The semaphore is never closed: `None` cannot happen, and would only mean
+            // answering without a slot.
+            let _slot = self.llm_slots.acquire().await.ok();
+            let _in_flight = InFlight::enter();
+            self.llm
+                .complete(&turns, deltas)
+                .instrument(call_span.clone())
+                .await
+        };
         let result = tokio::select! {
-            res = call.instrument(call_span.clone()) => res,
+            res = call => res,
             never = self.keep_lease(job) => match never {},
             () = self.shutdown.cancelled() => {
                 self.release(job).await;
@@ -252,8 +255,9 @@ impl Worker {
         // answer, and a fast model's answer then costs one record instead of two.
         drop(batcher);
 
-        // 4. The outcome, durably in `responses` (and the DLQ on failure).
-        let (body, outcome, answer) = match result {
+        // 4. The outcome, durably in `responses` (and the DLQ on failure); `answer` is `None`
+        // for a failure.
+        let (body, answer) = match result {
             Ok(a) => {
                 semconv::record_attempts(&call_span, a.attempts);
                 if a.usage_reported {
@@ -264,7 +268,7 @@ impl Worker {
                     prompt_tokens: a.prompt_tokens,
                     completion_tokens: a.completion_tokens,
                 };
-                (body, Outcome::Answered, Some(a.content))
+                (body, Some(a.content))
             }
             Err(e) => {
                 AnswerFailed {
@@ -280,11 +284,11 @@ impl Worker {
                 let body = ResponseBody::Failed {
                     reason: user_reason(&e),
                 };
-                (body, Outcome::Failed, None)
+                (body, None)
             }
         };
-        let (outcome, answer) = match self.produce_response(job, body).await {
-            Ok(()) => (outcome, answer),
+        let answer = match self.produce_response(job, body).await {
+            Ok(()) => answer,
             Err(RetryError::Cancelled) => {
                 self.release(job).await;
                 return Handled::Abandoned;
@@ -298,7 +302,7 @@ impl Worker {
                     .produce_response(job, ResponseBody::Failed { reason })
                     .await
                 {
-                    Ok(()) => (Outcome::Failed, None),
+                    Ok(()) => None,
                     Err(RetryError::Cancelled) => {
                         self.release(job).await;
                         return Handled::Abandoned;
@@ -311,24 +315,20 @@ impl Worker {
                 }
             }
         };
-        // 5. Done: a redelivery from now on is skipped. Memory is written alongside.
-        let complete = self.redis_retrying(RedisOp::Complete, || {
-            self.claims
-                .complete(&r.userid, &r.msg_id, r.received_at_ms, outcome)
-        });
-        let remember = async {
-            if let Some(answer) = &answer
-                && let Err(e) = self.memory.append(&r.userid, &r.content, answer).await
-            {
-                MemoryFailed {
-                    op: RedisOp::MemoryWrite,
-                    userid: r.userid.as_str(),
-                    error: &e,
-                }
-                .emit();
-            }
+        // 5. Done: a redelivery from now on is skipped; an answer joins the user's memory.
+        let outcome = match &answer {
+            Some(answer) => Outcome::Answered {
+                question: &r.content,
+                answer,
+            },
+            None => Outcome::Failed,
         };
-        let (completed, ()) = tokio::join!(complete, remember);
+        let completed = self
+            .redis_retrying(RedisOp::Complete, || {
+                self.claims
+                    .complete(&r.userid, &r.msg_id, r.received_at_ms, outcome)
+            })
+            .await;
         match completed {
             Ok(true) => {}
             Ok(false) => {
@@ -340,7 +340,7 @@ impl Worker {
             }
         }
         match outcome {
-            Outcome::Answered => Handled::Answered,
+            Outcome::Answered { .. } => Handled::Answered,
             Outcome::Failed => Handled::Failed,
         }
     }

@@ -430,8 +430,6 @@ pub enum RedisOp {
     Renew,
     /// ai-consumer: reading a stored answer for a resend.
     StoredAnswer,
-    MemoryRead,
-    MemoryWrite,
     /// Relay: the delivery script.
     Deliver,
 }
@@ -447,8 +445,6 @@ impl LabelValue for RedisOp {
         Self::Complete,
         Self::Renew,
         Self::StoredAnswer,
-        Self::MemoryRead,
-        Self::MemoryWrite,
         Self::Deliver,
     ];
 
@@ -463,8 +459,6 @@ impl LabelValue for RedisOp {
             Self::Complete => "complete",
             Self::Renew => "renew",
             Self::StoredAnswer => "stored_answer",
-            Self::MemoryRead => "memory_read",
-            Self::MemoryWrite => "memory_write",
             Self::Deliver => "deliver",
         }
     }
@@ -473,12 +467,7 @@ impl LabelValue for RedisOp {
         Some(match self {
             Self::Audit => &[GATEWAY, RELAY],
             Self::Subscribe | Self::Unsubscribe | Self::RateLimit | Self::Replay => &[GATEWAY],
-            Self::Claim
-            | Self::Complete
-            | Self::Renew
-            | Self::StoredAnswer
-            | Self::MemoryRead
-            | Self::MemoryWrite => &[AI_CONSUMER],
+            Self::Claim | Self::Complete | Self::Renew | Self::StoredAnswer => &[AI_CONSUMER],
             Self::Deliver => &[RELAY],
         })
     }

@@ -260,3 +260,59 @@ async fn each_users_answers_come_in_order_under_concurrency() {
     }
     app.shutdown().await;
 }
+
+/// `MAX_IN_FLIGHT` bounds LLM calls, not messages being answered: with 2 slots and 6 users'
+/// messages active at once, no 3 requests ever reach the model within one call's duration (a
+/// slot frees only when a call ends, at least `delay` after it began; a slow machine can only
+/// spread the requests further apart), and every message is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_calls_in_flight_never_exceed_max_in_flight() {
+    let app = TestApp::builder()
+        .llm(LlmChoice::Mock)
+        .consumer_config(|c| {
+            c.max_in_flight = 2;
+            c.max_active = 6;
+            c.memory_turns = 0;
+        })
+        .spawn()
+        .await
+        .unwrap();
+    let delay = Duration::from_millis(600);
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let seen = std::sync::Arc::clone(&arrivals);
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(move |req: &wiremock::Request| {
+            seen.lock().unwrap().push(Instant::now());
+            let q = last_user_message(req).unwrap_or_default();
+            wiremock::ResponseTemplate::new(200)
+                .insert_header("content-type", "text/event-stream")
+                .set_body_string(colloquy_testkit::openai_mock::stream_body(&[q.as_str()]))
+                .set_delay(delay)
+        })
+        .mount(&app.mock().server)
+        .await;
+    let users = ["slot_a", "slot_b", "slot_c", "slot_d", "slot_e", "slot_f"];
+    let mut sockets = Vec::new();
+    for u in users {
+        sockets.push(app.connect(0, u).await.unwrap());
+    }
+    for (ws, u) in sockets.iter_mut().zip(users) {
+        ws.send_message(&format!("{u}-1"), "hold a slot")
+            .await
+            .unwrap();
+    }
+    for (ws, u) in sockets.iter_mut().zip(users) {
+        ws.response_to(&format!("{u}-1"), T).await.unwrap();
+    }
+    let mut arrivals = arrivals.lock().unwrap().clone();
+    arrivals.sort();
+    assert_eq!(arrivals.len(), users.len(), "one call per message");
+    for three in arrivals.windows(3) {
+        assert!(
+            three[2] - three[0] >= delay - Duration::from_millis(50),
+            "3 calls began within {:?}, less than one call's {delay:?}: more than 2 in flight",
+            three[2] - three[0]
+        );
+    }
+    app.shutdown().await;
+}

@@ -1,5 +1,6 @@
 //! The consumers' defences, through real Kafka and Redis: offset-gap healing, readiness on
-//! partitions and rejoining, compare-and-set claims, resends of a message id, the
+//! partitions and rejoining, compare-and-set claims and the memory they carry, resends of a
+//! message id, the
 //! unanswered-message audit, and answers that cannot be written.
 
 use std::collections::BTreeSet;
@@ -11,6 +12,8 @@ use rdkafka::consumer::Consumer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use colloquy_ai_consumer::claim::{Claim, Claims, Outcome};
+use colloquy_ai_consumer::llm::{Role, Turn};
+use colloquy_ai_consumer::memory::Memory;
 use colloquy_core::config::KafkaConfig;
 use colloquy_core::kafka::TopicReader;
 use colloquy_core::names::Names;
@@ -282,11 +285,14 @@ async fn claims_are_compare_and_set_and_tell_resends_from_redeliveries() {
     let names = Names::with_prefixes("", &format!("{}:", unique("c")));
     let lease = Duration::from_secs(30);
     let day = Duration::from_secs(86_400);
-    let a = Claims::new(pool.clone(), names.clone(), "a", lease, day);
-    let b = Claims::new(pool.clone(), names.clone(), "b", lease, day);
+    let a = Claims::new(pool.clone(), names.clone(), "a", lease, day, Memory::none());
+    let b = Claims::new(pool.clone(), names.clone(), "b", lease, day, Memory::none());
     let user = UserId::parse("alice").unwrap();
+    let acquired = || Claim::Acquired {
+        history: Vec::new(),
+    };
 
-    assert_eq!(a.claim(&user, "m1", 100).await.unwrap(), Claim::Acquired);
+    assert_eq!(a.claim(&user, "m1", 100).await.unwrap(), acquired());
     assert_eq!(b.claim(&user, "m1", 100).await.unwrap(), Claim::Leased);
     assert!(
         !b.renew(&user, "m1").await.unwrap(),
@@ -297,9 +303,7 @@ async fn claims_are_compare_and_set_and_tell_resends_from_redeliveries() {
         "b cannot release a's lease"
     );
     assert!(
-        !b.complete(&user, "m1", 100, Outcome::Answered)
-            .await
-            .unwrap(),
+        !b.complete(&user, "m1", 100, ANSWERED).await.unwrap(),
         "nor complete it"
     );
     assert_eq!(
@@ -308,11 +312,7 @@ async fn claims_are_compare_and_set_and_tell_resends_from_redeliveries() {
         "a's own live job"
     );
     assert!(a.renew(&user, "m1").await.unwrap());
-    assert!(
-        a.complete(&user, "m1", 100, Outcome::Answered)
-            .await
-            .unwrap()
-    );
+    assert!(a.complete(&user, "m1", 100, ANSWERED).await.unwrap());
     assert_eq!(
         b.claim(&user, "m1", 100).await.unwrap(),
         Claim::AlreadyDone,
@@ -325,26 +325,153 @@ async fn claims_are_compare_and_set_and_tell_resends_from_redeliveries() {
     );
 
     // A failure is final for its redelivery, not for a resend.
-    assert_eq!(a.claim(&user, "m2", 100).await.unwrap(), Claim::Acquired);
+    assert_eq!(a.claim(&user, "m2", 100).await.unwrap(), acquired());
     assert!(a.complete(&user, "m2", 100, Outcome::Failed).await.unwrap());
     assert_eq!(b.claim(&user, "m2", 100).await.unwrap(), Claim::AlreadyDone);
     assert_eq!(
         b.claim(&user, "m2", 300).await.unwrap(),
-        Claim::Acquired,
+        acquired(),
         "a resend after llm_failed is answered anew"
     );
 
     // An abandoned job gives its lease back at once.
-    assert_eq!(a.claim(&user, "m3", 1).await.unwrap(), Claim::Acquired);
+    assert_eq!(a.claim(&user, "m3", 1).await.unwrap(), acquired());
     assert!(a.release(&user, "m3").await.unwrap());
-    assert_eq!(b.claim(&user, "m3", 1).await.unwrap(), Claim::Acquired);
+    assert_eq!(b.claim(&user, "m3", 1).await.unwrap(), acquired());
 
     // A restarted process with the same static owner takes over its predecessor's lease.
-    let a_again = Claims::new(pool, names, "b", lease, day);
-    assert_eq!(
-        a_again.claim(&user, "m3", 1).await.unwrap(),
-        Claim::Acquired
+    let a_again = Claims::new(pool, names, "b", lease, day, Memory::none());
+    assert_eq!(a_again.claim(&user, "m3", 1).await.unwrap(), acquired());
+}
+
+/// An answer as the claims test records it (memory is off there).
+const ANSWERED: Outcome<'static> = Outcome::Answered {
+    question: "q",
+    answer: "a",
+};
+
+fn exchange(question: &str, answer: &str) -> [Turn; 2] {
+    [
+        Turn {
+            role: Role::User,
+            content: question.to_owned(),
+        },
+        Turn {
+            role: Role::Assistant,
+            content: answer.to_owned(),
+        },
+    ]
+}
+
+fn answered<'a>(question: &'a str, answer: &'a str) -> Outcome<'a> {
+    Outcome::Answered { question, answer }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_read_the_memory_and_completions_append_each_answer_once() {
+    let infra = Infra::start().await.unwrap();
+    let pool = redis(&infra).await;
+    let names = Names::with_prefixes("", &format!("{}:", unique("mem")));
+    let memory = Memory::new(2, Duration::from_secs(60));
+    let day = Duration::from_secs(86_400);
+    let a = Claims::new(
+        pool.clone(),
+        names.clone(),
+        "a",
+        Duration::from_millis(300),
+        day,
+        memory,
     );
+    let b = Claims::new(
+        pool.clone(),
+        names.clone(),
+        "b",
+        Duration::from_secs(30),
+        day,
+        memory,
+    );
+    let user = UserId::parse("ada").unwrap();
+    let history = |claim: Claim| match claim {
+        Claim::Acquired { history } => history,
+        other => panic!("not acquired: {other:?}"),
+    };
+
+    assert_eq!(history(a.claim(&user, "m1", 1).await.unwrap()), vec![]);
+    assert!(
+        a.complete(&user, "m1", 1, answered("q1", "a1"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        a.complete(&user, "m1", 1, answered("q1", "a1"))
+            .await
+            .unwrap(),
+        "a completion retried after a lost reply still reports success"
+    );
+    assert_eq!(
+        history(a.claim(&user, "m2", 2).await.unwrap()),
+        exchange("q1", "a1").to_vec(),
+        "the retry did not remember the exchange twice"
+    );
+    assert!(a.complete(&user, "m2", 2, Outcome::Failed).await.unwrap());
+
+    // a's lease on m3 runs out and b takes the message over: a's late answer is not
+    // recorded, nor remembered; b's is.
+    assert!(matches!(
+        a.claim(&user, "m3", 3).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        history(b.claim(&user, "m3", 3).await.unwrap()),
+        exchange("q1", "a1").to_vec(),
+        "a failure is not remembered"
+    );
+    assert!(
+        !a.complete(&user, "m3", 3, answered("late", "late"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.complete(&user, "m3", 3, answered("q3", "a3"))
+            .await
+            .unwrap()
+    );
+
+    // Two turns are kept: the oldest goes.
+    assert!(matches!(
+        b.claim(&user, "m4", 4).await.unwrap(),
+        Claim::Acquired { .. }
+    ));
+    assert!(
+        b.complete(&user, "m4", 4, answered("q4", "a4"))
+            .await
+            .unwrap()
+    );
+    let mut expected = exchange("q3", "a3").to_vec();
+    expected.extend(exchange("q4", "a4"));
+    assert_eq!(history(b.claim(&user, "m5", 5).await.unwrap()), expected);
+    let ttl: i64 = pool.pttl(names.memory_key(&user)).await.unwrap();
+    assert!((1..=60_000).contains(&ttl), "memory expires: pttl {ttl}");
+
+    // Memory off: nothing is read or written.
+    let off = Claims::new(
+        pool.clone(),
+        names.clone(),
+        "c",
+        Duration::from_secs(30),
+        day,
+        Memory::none(),
+    );
+    let other = UserId::parse("bob").unwrap();
+    assert_eq!(history(off.claim(&other, "m1", 1).await.unwrap()), vec![]);
+    assert!(
+        off.complete(&other, "m1", 1, answered("q", "a"))
+            .await
+            .unwrap()
+    );
+    let kept: i64 = pool.exists(names.memory_key(&other)).await.unwrap();
+    assert_eq!(kept, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
