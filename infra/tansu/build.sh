@@ -5,7 +5,9 @@
 # out the consumer's whole `fetch.wait.max.ms`; an unknown topic's fetch answer names no leader
 # (librdkafka 2.12 crashed on it); the memory engine answers a fetch from the batch holding its
 # offset, never past a batch still being stored, from an index instead of a list of the whole
-# partition; ListOffsets answers from the watermarks (docs/storage.md says why).
+# partition; ListOffsets answers from the watermarks; the postgres engine writes a batch's records
+# and headers in one statement each and reads a fetch's headers in one query (docs/storage.md
+# says why).
 #
 # The crates come from crates.io (a throwaway project's `cargo fetch`), the build keeps tansu's
 # published Cargo.lock (only tansu-storage moves to the patched copy), and the binary goes to

@@ -210,7 +210,7 @@ pub const CONTRACT: &[MetricDef] = &[
         labels: &[],
         services: CONSUMER,
         zero: Zero::One,
-        help: "Messages being answered now (bounded by the in-flight limit)",
+        help: "LLM calls in flight now, retries included (bounded by MAX_IN_FLIGHT)",
     },
     MetricDef {
         name: CONSUMER_LAG,
