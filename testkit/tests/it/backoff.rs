@@ -330,7 +330,7 @@ async fn deltas_and_answer(
                 matches!(f, ServerFrame::Delta { .. } | ServerFrame::Response { .. })
             })
             .await
-            .unwrap()
+            .expect("a delta or the response")
         {
             ServerFrame::Delta {
                 id: of, content, ..
