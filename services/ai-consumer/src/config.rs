@@ -75,8 +75,7 @@ pub struct ConsumerConfig {
     /// Send a delta after this many tokens...
     #[arg(long, env = "DELTA_BATCH_TOKENS", default_value_t = 8)]
     pub delta_batch_tokens: usize,
-    /// ...or after this many ms, whichever comes first; none in the first this-many ms of a
-    /// stream (an answer complete by then is sent whole, without deltas).
+    /// ...or after this many ms, whichever comes first.
     #[arg(long, env = "DELTA_BATCH_MS", default_value_t = 50)]
     pub delta_batch_ms: u64,
     /// Turns of conversation memory sent with each request (one turn = question + answer).

@@ -569,8 +569,6 @@ struct DeltaBatcher<'a> {
     seq: u32,
     buf: String,
     pieces: usize,
-    /// When the first piece of the answer arrived.
-    first: Option<std::time::Instant>,
     last: std::time::Instant,
 }
 
@@ -583,7 +581,6 @@ impl<'a> DeltaBatcher<'a> {
             seq: 0,
             buf: String::new(),
             pieces: 0,
-            first: None,
             last: std::time::Instant::now(),
         }
     }
@@ -631,14 +628,6 @@ impl DeltaSink for DeltaBatcher<'_> {
     fn text(&mut self, piece: &str) {
         self.buf.push_str(piece);
         self.pieces += 1;
-        let first = *self.first.get_or_insert_with(std::time::Instant::now);
-        // No delta in the first window of the stream: an answer complete within it is sent
-        // whole, as its final record alone (a preview of an answer about to arrive costs a
-        // record, a relay write and a frame, and shows nothing). A slower stream gets its first
-        // delta at the first piece after the window, then one per batch of tokens or window.
-        if first.elapsed() < self.worker.delta_batch {
-            return;
-        }
         if self.pieces >= self.worker.delta_batch_tokens
             || self.last.elapsed() >= self.worker.delta_batch
         {
