@@ -91,14 +91,7 @@ impl OpenAiMock {
     pub async fn echo(&self) {
         Mock::given(method("POST"))
             .and(path(COMPLETIONS))
-            .respond_with(|req: &Request| {
-                let text = last_user_message(req).unwrap_or_default();
-                let answer = format!("echo: {text}");
-                let pieces: Vec<&str> = answer.split_inclusive(' ').collect();
-                ResponseTemplate::new(200)
-                    .insert_header("content-type", "text/event-stream")
-                    .set_body_string(stream_body(&pieces))
-            })
+            .respond_with(echo_answer)
             .with_priority(10)
             .mount(&self.server)
             .await;
@@ -165,6 +158,18 @@ impl OpenAiMock {
     pub async fn requests(&self) -> Vec<Request> {
         self.server.received_requests().await.unwrap_or_default()
     }
+}
+
+/// What [`OpenAiMock::echo`] answers to `req`: `echo: <last user message>`, streamed word by
+/// word (for tests that mount their own responder, e.g. with a delay).
+#[must_use]
+pub fn echo_answer(req: &Request) -> ResponseTemplate {
+    let text = last_user_message(req).unwrap_or_default();
+    let answer = format!("echo: {text}");
+    let pieces: Vec<&str> = answer.split_inclusive(' ').collect();
+    ResponseTemplate::new(200)
+        .insert_header("content-type", "text/event-stream")
+        .set_body_string(stream_body(&pieces))
 }
 
 /// The content of the last `user` message of a chat completion request.

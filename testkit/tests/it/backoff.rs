@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use colloquy_core::wire::{ErrorCode, ServerFrame};
-use colloquy_testkit::openai_mock::last_user_message;
+use colloquy_testkit::openai_mock::{echo_answer, last_user_message};
 use colloquy_testkit::{LlmChoice, TestApp};
 
 const T: Duration = Duration::from_secs(30);
@@ -223,12 +223,8 @@ async fn each_users_answers_come_in_order_under_concurrency() {
     // Random per-request delays: unordered processing would reorder answers.
     wiremock::Mock::given(wiremock::matchers::method("POST"))
         .respond_with(|req: &wiremock::Request| {
-            let q = last_user_message(req).unwrap_or_default();
             let delay = Duration::from_millis(u64::from(rand::random::<u8>() % 60));
-            wiremock::ResponseTemplate::new(200)
-                .insert_header("content-type", "text/event-stream")
-                .set_body_string(colloquy_testkit::openai_mock::stream_body(&[q.as_str()]))
-                .set_delay(delay)
+            echo_answer(req).set_delay(delay)
         })
         .mount(&app.mock().server)
         .await;
@@ -283,11 +279,7 @@ async fn llm_calls_in_flight_never_exceed_max_in_flight() {
     wiremock::Mock::given(wiremock::matchers::method("POST"))
         .respond_with(move |req: &wiremock::Request| {
             seen.lock().unwrap().push(Instant::now());
-            let q = last_user_message(req).unwrap_or_default();
-            wiremock::ResponseTemplate::new(200)
-                .insert_header("content-type", "text/event-stream")
-                .set_body_string(colloquy_testkit::openai_mock::stream_body(&[q.as_str()]))
-                .set_delay(delay)
+            echo_answer(req).set_delay(delay)
         })
         .mount(&app.mock().server)
         .await;

@@ -45,6 +45,16 @@ fn counter_with(name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// A new one-partition topic named after `prefix`, created, and the config that reaches it.
+async fn one_partition_topic(infra: &Infra, prefix: &str) -> (KafkaConfig, String) {
+    let k = one_partition(infra);
+    let topic = unique(prefix);
+    kafka::ensure_topics(&k, std::slice::from_ref(&topic))
+        .await
+        .expect("topic created");
+    (k, topic)
+}
+
 async fn produce(k: &KafkaConfig, topic: &str, n: usize) {
     let producer: FutureProducer = kafka::producer(k, "test").expect("producer");
     for i in 0..n {
@@ -61,11 +71,7 @@ async fn produce(k: &KafkaConfig, topic: &str, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_skipped_offset_is_detected_and_fetched_again() {
     let infra = Infra::start().await.unwrap();
-    let k = one_partition(&infra);
-    let topic = unique("gaps");
-    kafka::ensure_topics(&k, std::slice::from_ref(&topic))
-        .await
-        .unwrap();
+    let (k, topic) = one_partition_topic(&infra, "gaps").await;
     produce(&k, &topic, 12).await;
     let consumer = kafka::consumer(&k, "relay", &unique("g"), &[&topic])
         .await
@@ -108,11 +114,7 @@ async fn a_skipped_offset_is_detected_and_fetched_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_without_partitions_is_not_ready_and_rejoins() {
     let infra = Infra::start().await.unwrap();
-    let k = one_partition(&infra);
-    let topic = unique("rejoin");
-    kafka::ensure_topics(&k, std::slice::from_ref(&topic))
-        .await
-        .unwrap();
+    let (k, topic) = one_partition_topic(&infra, "rejoin").await;
     produce(&k, &topic, 1).await;
     let group = unique("g");
     let a = std::sync::Arc::new(
@@ -818,11 +820,7 @@ async fn produce_one_batch(k: &KafkaConfig, topic: &str, n: usize) {
 async fn the_broker_answers_a_waiting_fetch_as_soon_as_records_arrive() {
     const FETCH_WAIT: Duration = Duration::from_secs(20);
     let infra = Infra::start().await.unwrap();
-    let k = one_partition(&infra);
-    let topic = unique("wakeup");
-    kafka::ensure_topics(&k, std::slice::from_ref(&topic))
-        .await
-        .unwrap();
+    let (k, topic) = one_partition_topic(&infra, "wakeup").await;
     let consumer = plain_consumer(
         &k.bootstrap_servers,
         &topic,
@@ -860,11 +858,7 @@ async fn the_broker_answers_a_waiting_fetch_as_soon_as_records_arrive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_inside_a_batch_is_answered_from_that_batch() {
     let infra = Infra::start().await.unwrap();
-    let k = one_partition(&infra);
-    let topic = unique("midbatch");
-    kafka::ensure_topics(&k, std::slice::from_ref(&topic))
-        .await
-        .unwrap();
+    let (k, topic) = one_partition_topic(&infra, "midbatch").await;
     produce_one_batch(&k, &topic, 10).await;
     produce_one_batch(&k, &topic, 10).await;
     // librdkafka's default fetch wait.
@@ -900,11 +894,7 @@ async fn a_fetch_inside_a_batch_is_answered_from_that_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_at_the_end_starts_at_the_high_watermark() {
     let infra = Infra::start().await.unwrap();
-    let k = one_partition(&infra);
-    let topic = unique("latest");
-    kafka::ensure_topics(&k, std::slice::from_ref(&topic))
-        .await
-        .unwrap();
+    let (k, topic) = one_partition_topic(&infra, "latest").await;
     produce_one_batch(&k, &topic, 10).await;
     let consumer = plain_consumer(
         &k.bootstrap_servers,
