@@ -197,6 +197,13 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// One tokio worker thread for a tokio process of the stack (the broker, the fake LLM, the
+/// services), as `scripts/stack.sh` runs them: every process shares this machine's cores, and
+/// one worker each wakes fewer threads per message than one per core each.
+fn one_worker_thread() -> [(String, String); 1] {
+    [("TOKIO_WORKER_THREADS".to_owned(), "1".to_owned())]
+}
+
 /// `/ready` of the process whose HTTP endpoint is on `port`.
 fn ready_probe(port: u16) -> Probe {
     Probe::Http(format!("http://127.0.0.1:{port}/ready"))
@@ -382,6 +389,7 @@ impl Stack {
                 &opts.storage.engine_url(self.postgres.as_ref())?,
             ))
             .envs([("RUST_LOG".to_owned(), log_filter)])
+            .envs(one_worker_thread())
             .envs(opts.storage.tansu_env());
         Ok(Member::new(spec, Probe::Tcp(ports.kafka)))
     }
@@ -403,6 +411,7 @@ impl Stack {
             llm: opts.fake_llm.clone(),
         };
         let spec = ProcessSpec::new(&bins.fake_llm, &self.path, self.log(Component::FakeLlm))
+            .envs(one_worker_thread())
             .envs(render_env(&config, Secrets::Omit));
         Member::new(spec, Probe::Tcp(ports.llm))
     }
@@ -446,6 +455,7 @@ impl Stack {
         port: u16,
     ) -> Member {
         let spec = ProcessSpec::new(program, &self.path, self.log(c))
+            .envs(one_worker_thread())
             .envs(shared)
             .envs(render_env(service, Secrets::Omit));
         Member::new(spec, ready_probe(port))

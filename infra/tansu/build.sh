@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds and installs the broker Colloquy runs on: tansu 0.6.0 from crates.io, with its
-# postgres, sqlite (libsql) and memory (dynostore) engines and one patch to tansu-storage,
+# postgres, sqlite (libsql) and memory (dynostore) engines and a patch per crate it changes.
+# infra/tansu/tansu-service.patch: a request is decoded and its response encoded on the
+# connection's task, not handed to the blocking pool and back (two thread wake-ups each).
 # infra/tansu/tansu-storage.patch: a fetch returns as soon as records arrive instead of sleeping
 # out the consumer's whole `fetch.wait.max.ms`; an unknown topic's fetch answer names no leader
 # (librdkafka 2.12 crashed on it); the memory engine answers a fetch from the batch holding its
@@ -10,7 +12,7 @@
 # says why).
 #
 # The crates come from crates.io (a throwaway project's `cargo fetch`), the build keeps tansu's
-# published Cargo.lock (only tansu-storage moves to the patched copy), and the binary goes to
+# published Cargo.lock (only the patched crates move to their patched copies), and the binary goes to
 # cargo's bin directory with a stamp beside it naming the version, features and patch, so
 # scripts/install-deps.sh can tell a current install from a stale one.
 #
@@ -26,9 +28,10 @@ export PATH="$CARGO_HOME/bin:$PATH"
 
 VERSION="0.6.0"
 FEATURES="libsql,dynostore,postgres"
-PATCH="$HERE/tansu-storage.patch"
+# The crates patched, each by infra/tansu/<crate>.patch.
+PATCHED=(tansu-storage tansu-service)
 STAMP_FILE="$CARGO_HOME/bin/.tansu-colloquy-stamp"
-stamp="tansu $VERSION features=$FEATURES patch=$(sha256sum "$PATCH" | cut -c1-16)"
+stamp="tansu $VERSION features=$FEATURES patch=$(for c in "${PATCHED[@]}"; do cat "$HERE/$c.patch"; done | sha256sum | cut -c1-16)"
 
 if [ -x "$CARGO_HOME/bin/tansu" ] && [ "$(cat "$STAMP_FILE" 2>/dev/null)" = "$stamp" ]; then
   log "installed and current: $stamp"
@@ -67,18 +70,17 @@ crate_file() {
   printf '%s' "$f"
 }
 
-# 2. Unpack tansu and tansu-storage, patch tansu-storage, point tansu at the patched copy.
+# 2. Unpack tansu and the crates it patches, patch them, point tansu at the patched copies.
 tar xzf "$(crate_file tansu)" -C "$work"
-tar xzf "$(crate_file tansu-storage)" -C "$work"
-log "applying $(basename "$PATCH")"
-patch -s -p2 -d "$work/tansu-storage-$VERSION" < "$PATCH"
-cat >> "$work/tansu-$VERSION/Cargo.toml" <<EOF
+printf '\n[patch.crates-io]\n' >> "$work/tansu-$VERSION/Cargo.toml"
+for c in "${PATCHED[@]}"; do
+  tar xzf "$(crate_file "$c")" -C "$work"
+  log "applying $c.patch"
+  patch -s -p2 -d "$work/$c-$VERSION" < "$HERE/$c.patch"
+  printf '%s = { path = "../%s-%s" }\n' "$c" "$c" "$VERSION" >> "$work/tansu-$VERSION/Cargo.toml"
+done
 
-[patch.crates-io]
-tansu-storage = { path = "../tansu-storage-$VERSION" }
-EOF
-
-# 3. Build with the published lock file (cargo only re-points tansu-storage) and install.
+# 3. Build with the published lock file (cargo only re-points the patched crates) and install.
 target="${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/colloquy/tansu-target"
 mkdir -p "$target"
 log "building tansu (features $FEATURES; ~20 minutes on 2 cores; target $target)"

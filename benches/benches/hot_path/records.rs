@@ -51,6 +51,7 @@ fn final_answer() -> ResponseBody {
         content: answer(),
         prompt_tokens: 31,
         completion_tokens: 172,
+        whole: true,
     }
 }
 

@@ -253,6 +253,7 @@ impl Worker {
         };
         // The trailing partial batch is not sent as a delta: the final record carries the whole
         // answer, and a fast model's answer then costs one record instead of two.
+        let whole = !batcher.sent;
         drop(batcher);
 
         // 4. The outcome, durably in `responses` (and the DLQ on failure); `answer` is `None`
@@ -267,6 +268,7 @@ impl Worker {
                     content: a.content.clone(),
                     prompt_tokens: a.prompt_tokens,
                     completion_tokens: a.completion_tokens,
+                    whole,
                 };
                 (body, Some(a.content))
             }
@@ -369,14 +371,17 @@ impl Worker {
         };
         let body = match stored {
             Err(RetryError::Cancelled) => return Handled::Abandoned,
+            // A resend gets the stored answer in one piece: its first text.
             Ok(Some(ResponseBody::Final {
                 content,
                 prompt_tokens,
                 completion_tokens,
+                ..
             })) => ResponseBody::Final {
                 content,
                 prompt_tokens,
                 completion_tokens,
+                whole: true,
             },
             Ok(_) | Err(_) => ResponseBody::Failed {
                 reason: "this message id was answered before and that answer is no longer stored; send it with a new id".into(),
@@ -569,6 +574,11 @@ struct DeltaBatcher<'a> {
     seq: u32,
     buf: String,
     pieces: usize,
+    /// Whether any delta was sent for this message (in any attempt): if not, the final record
+    /// says the answer came whole.
+    sent: bool,
+    /// When the stream's first piece arrived (of the current attempt).
+    first: Option<std::time::Instant>,
     last: std::time::Instant,
 }
 
@@ -581,6 +591,8 @@ impl<'a> DeltaBatcher<'a> {
             seq: 0,
             buf: String::new(),
             pieces: 0,
+            sent: false,
+            first: None,
             last: std::time::Instant::now(),
         }
     }
@@ -601,6 +613,7 @@ impl<'a> DeltaBatcher<'a> {
             },
         };
         self.seq += 1;
+        self.sent = true;
         self.pieces = 0;
         self.last = std::time::Instant::now();
         let Ok(payload) = serde_json::to_vec(&record) else {
@@ -628,6 +641,15 @@ impl DeltaSink for DeltaBatcher<'_> {
     fn text(&mut self, piece: &str) {
         self.buf.push_str(piece);
         self.pieces += 1;
+        // No delta in a stream's first window: an answer complete within it is sent whole, as
+        // its final record alone (a preview of an answer about to arrive costs a record, a relay
+        // write and a frame, and shows nothing), and the gateway counts that answer as the
+        // message's first text. A slower stream gets its first delta at the first piece after
+        // the window, then one per batch of tokens or window.
+        let first = *self.first.get_or_insert_with(std::time::Instant::now);
+        if first.elapsed() < self.worker.delta_batch {
+            return;
+        }
         if self.pieces >= self.worker.delta_batch_tokens
             || self.last.elapsed() >= self.worker.delta_batch
         {
@@ -639,5 +661,6 @@ impl DeltaSink for DeltaBatcher<'_> {
         self.buf.clear();
         self.pieces = 0;
         self.seq = 0;
+        self.first = None;
     }
 }

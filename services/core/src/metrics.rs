@@ -129,7 +129,7 @@ pub const CONTRACT: &[MetricDef] = &[
         labels: &[],
         services: GATEWAY,
         zero: Zero::Never,
-        help: "Gateway receive of a message to its first delta frame written",
+        help: "Gateway receive of a message to its first text written: the first delta frame, or the response frame of an answer that came whole (no delta before it)",
     },
     MetricDef {
         name: STAGE_LATENCY,

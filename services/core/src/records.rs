@@ -51,6 +51,11 @@ pub enum ResponseBody {
         content: String,
         prompt_tokens: u32,
         completion_tokens: u32,
+        /// No delta preceded this answer: it reaches the client in one piece, so its frame is
+        /// the message's first text (the gateway's time to first text counts it). `false` when
+        /// absent: a record from before this field may have followed deltas.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        whole: bool,
     },
     /// The model call failed for good; the user gets `llm_failed`.
     Failed { reason: String },
@@ -138,6 +143,7 @@ mod tests {
             content: "hi".into(),
             prompt_tokens: 1,
             completion_tokens: 1,
+            whole: true,
         });
         let json = d.to_frame().to_json();
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -146,6 +152,29 @@ mod tests {
         assert_eq!(v["userid"], "alice");
         assert_eq!(v["event_id"], "5-0");
         assert!(v["timestamp"].is_string());
+    }
+
+    #[test]
+    fn whole_is_omitted_when_false_and_absent_reads_as_false() {
+        let body = |whole| ResponseBody::Final {
+            content: "hi".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            whole,
+        };
+        let json = serde_json::to_string(&body(false)).unwrap();
+        assert!(!json.contains("whole"), "{json}");
+        let json = serde_json::to_string(&body(true)).unwrap();
+        assert!(json.contains(r#""whole":true"#), "{json}");
+        // A record written before the field existed (it may have followed deltas).
+        let old = r#"{"kind":"final","content":"hi","prompt_tokens":1,"completion_tokens":1}"#;
+        assert_eq!(
+            serde_json::from_str::<ResponseBody>(old).unwrap(),
+            body(false)
+        );
+        // The frame a client sees does not change.
+        let frame = |whole| delivery(body(whole)).to_frame().to_json();
+        assert_eq!(frame(true), frame(false));
     }
 
     #[test]

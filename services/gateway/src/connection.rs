@@ -661,6 +661,7 @@ mod tests {
                 content: format!("answer {ms}"),
                 prompt_tokens: 1,
                 completion_tokens: 1,
+                whole: false,
             },
         })
     }

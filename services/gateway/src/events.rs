@@ -196,7 +196,8 @@ impl MessageAnswered<'_> {
 }
 
 /// A delivery's frame was handed to a socket: the first delta, or the answer (or failure)
-/// that ends the message's trip.
+/// that ends the message's trip. The time to first text counts the first delta, or the answer
+/// itself when it came whole (no delta preceded it).
 #[derive(Debug)]
 pub struct DeliveryWritten<'a> {
     pub delivery: &'a Delivery,
@@ -213,7 +214,12 @@ impl DeliveryWritten<'_> {
                 return;
             }
             ResponseBody::Delta { .. } => return,
-            ResponseBody::Final { .. } => E2eOutcome::Response,
+            ResponseBody::Final { whole, .. } => {
+                if *whole {
+                    metrics::histogram!(m::FIRST_DELTA_LATENCY).record(since_receive);
+                }
+                E2eOutcome::Response
+            }
             ResponseBody::Failed { .. } => E2eOutcome::LlmFailed,
         };
         tracing::debug!(
@@ -410,5 +416,58 @@ mod tests {
             let v = MessageOutcome::from(r).as_str();
             assert!(registered.contains(&v), "{v}");
         }
+    }
+
+    /// How many first texts writing `body`'s frame records, through a recorder of this test's
+    /// own (the process-wide one is shared by every test).
+    fn first_texts_written(body: ResponseBody) -> u64 {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let delivery = Delivery {
+            event_id: Some("1-0".into()),
+            msg_id: "m1".into(),
+            userid: colloquy_core::UserId::parse("alice").unwrap(),
+            received_at_ms: 1_000,
+            timestamp: String::new(),
+            relayed_at_ms: 1_010,
+            traceparent: None,
+            body,
+        };
+        metrics::with_local_recorder(&recorder, || {
+            DeliveryWritten {
+                delivery: &delivery,
+                now_ms: 1_020,
+            }
+            .emit();
+        });
+        let needle = format!("{}_count ", m::FIRST_DELTA_LATENCY);
+        handle
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&needle)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn the_first_text_is_the_first_delta_or_an_answer_that_came_whole() {
+        let answer = |whole| ResponseBody::Final {
+            content: "hi".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            whole,
+        };
+        let delta = |seq| ResponseBody::Delta {
+            seq,
+            content: "h".into(),
+        };
+        assert_eq!(first_texts_written(delta(0)), 1);
+        assert_eq!(first_texts_written(delta(1)), 0);
+        assert_eq!(first_texts_written(answer(true)), 1);
+        // Deltas came before it: its first delta was the first text.
+        assert_eq!(first_texts_written(answer(false)), 0);
+        let failed = ResponseBody::Failed {
+            reason: "quota".into(),
+        };
+        assert_eq!(first_texts_written(failed), 0);
     }
 }

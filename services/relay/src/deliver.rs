@@ -246,6 +246,7 @@ mod tests {
             content: "hi".into(),
             prompt_tokens: 1,
             completion_tokens: 1,
+            whole: true,
         });
         let d = decode(&names, Some(&payload), None, &FROM, 7, "now").unwrap();
         let Item::Durable {
@@ -262,6 +263,8 @@ mod tests {
         assert_eq!(marker, "t:delivered:alice:m1:42");
         assert_eq!(audit_member, "alice m1");
         assert!(payload.starts_with('{') && !payload.contains("event_id"));
+        // The gateway's time to first text reads it from the delivery.
+        assert!(payload.contains(r#""whole":true"#), "{payload}");
     }
 
     #[test]

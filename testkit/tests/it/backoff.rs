@@ -369,3 +369,26 @@ async fn a_slow_stream_is_previewed_in_deltas() {
     assert!(answer.contains("one two three four"), "{answer}");
     app.shutdown().await;
 }
+
+/// An answer complete within the stream's first `DELTA_BATCH_MS` comes whole: its response
+/// alone (one record, one relay write, one frame), no delta repeating it. The gateway counts
+/// that response as the message's first text (`events::tests` in the gateway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_answer_comes_whole() {
+    // Every token at once, and a window far longer than the stream (20 s: a loaded machine
+    // stalling the consumer mid-stream must not make it look slow).
+    let app = TestApp::builder()
+        .consumer_config(|c| c.delta_batch_ms = 20_000)
+        .spawn()
+        .await
+        .unwrap();
+    let mut ws = app.connect(0, "fast_reader").await.unwrap();
+    ws.send_message("f1", "one two three four").await.unwrap();
+    let (_, count, answer) = deltas_and_answer(&mut ws, "f1").await;
+    assert_eq!(
+        count, 0,
+        "no delta for an answer complete at once: {answer:?}"
+    );
+    assert!(answer.contains("one two three four"), "{answer}");
+    app.shutdown().await;
+}

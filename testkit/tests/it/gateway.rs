@@ -500,6 +500,7 @@ async fn a_trimmed_or_expired_inbox_is_reported_as_not_recovered() {
                 content: format!("answer {n}"),
                 prompt_tokens: 1,
                 completion_tokens: 1,
+                whole: false,
             },
         };
         let id: String = pool
@@ -826,6 +827,7 @@ async fn a_dropped_subscriber_makes_every_socket_replay_through_bounded_slots() 
                 content: format!("for {user}"),
                 prompt_tokens: 1,
                 completion_tokens: 1,
+                whole: false,
             },
         };
         let _: String = redis

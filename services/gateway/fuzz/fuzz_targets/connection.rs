@@ -26,6 +26,7 @@ fn answer(ms: u64) -> Arc<Delivery> {
             content: String::new(),
             prompt_tokens: 0,
             completion_tokens: 0,
+            whole: false,
         },
     })
 }
