@@ -63,13 +63,10 @@ pub enum Outcome<'a> {
 /// entries to read (0: none). Returns `{state}`, or `{'acquired', memory entries...}`.
 const CLAIM_LUA: &str = r"
 local v = redis.call('GET', KEYS[1])
-local acquire = false
-if not v then
-  acquire = true
-elseif v == ARGV[1] then
+-- Every path that does not acquire returns here; the rest fall through to the SET.
+if v == ARGV[1] then
   if ARGV[4] ~= '1' then return {'leased'} end
-  acquire = true
-else
+elseif v then
   local kind = string.sub(v, 1, 2)
   if v == 'done' or (kind == 'D|' and string.sub(v, 3) == ARGV[3]) then
     return {'done'}
@@ -77,7 +74,6 @@ else
   if kind == 'D|' then return {'answered'} end
   if kind ~= 'F|' then return {'leased'} end
   if string.sub(v, 3) == ARGV[3] then return {'done'} end
-  acquire = true
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local out = {}

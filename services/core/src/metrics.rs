@@ -345,7 +345,7 @@ pub const CONTRACT: &[MetricDef] = &[
         labels: &["stage"],
         services: PROBER,
         zero: Zero::Never,
-        help: "Synthetic probe latency from send to ack, first_delta and answer",
+        help: "Synthetic probe latency from send to ack, first_delta (first delta, or an answer that came whole) and answer",
     },
     MetricDef {
         name: PROBES,

@@ -22,6 +22,7 @@ pub struct ProbeReport {
     /// The trace id of the message, from its `ack`; `None` when it was not acked.
     pub trace_id: Option<String>,
     pub ack: Option<Duration>,
+    /// The first text: the first delta, or the response of an answer that came whole.
     pub first_delta: Option<Duration>,
     pub answer: Option<Duration>,
     /// Why it failed, for the log line; empty on success.
@@ -160,6 +161,9 @@ impl ProbeTracker {
                 self.first_delta.get_or_insert(elapsed);
             }
             Incoming::Response { id } if id == self.msg_id => {
+                // An answer that came whole (no delta before it) is also the first text, as the
+                // gateway's time to first text counts it.
+                self.first_delta.get_or_insert(elapsed);
                 return self.finish(Outcome::Success, Some(elapsed), String::new());
             }
             Incoming::Error { code, id, message } => {
@@ -268,6 +272,19 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["ack", "first_delta", "answer"]
         );
+    }
+
+    #[test]
+    fn an_answer_that_came_whole_is_also_the_first_text() {
+        let mut t = tracker();
+        let ack = r#"{"type":"ack","id":"p1","trace_id":"abc"}"#;
+        assert_eq!(t.on_text(ack, ms(10)), Progress::Pending);
+        let r = finished(t.on_text(
+            r#"{"type":"response","id":"p1","event_id":"1-0","content":"hello","userid":"u","timestamp":"x"}"#,
+            ms(30),
+        ));
+        assert_eq!(r.outcome, Outcome::Success);
+        assert_eq!((r.first_delta, r.answer), (Some(ms(30)), Some(ms(30))));
     }
 
     #[test]
