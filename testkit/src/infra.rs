@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
-use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+use testcontainers::{ContainerAsync, ContainerRequest, GenericImage, ImageExt};
 use tokio::process::Command;
 
 use crate::process::{
@@ -56,6 +56,9 @@ impl Backend {
 pub struct InfraOptions {
     /// Keep Kafka data on disk (sqlite) so it survives a broker restart; slower fetches.
     pub durable_kafka: bool,
+    /// Keep Redis data in an append-only file fsynced on every write, as production does, so
+    /// what a client saw written survives [`Infra::kill_redis`].
+    pub durable_redis: bool,
 }
 
 impl InfraOptions {
@@ -118,15 +121,22 @@ impl Infra {
         let (kafka, redis) = match backend {
             Backend::Containers => (
                 start_tansu_container(kafka_port, opts, dir.path()).await?,
-                start_redis_container(redis_port).await?,
+                start_redis_container(redis_port, opts.durable_redis).await?,
             ),
             Backend::Processes => {
                 let dir = dir.path();
                 let tansu = ProcessSpec::new(&tansu_binary()?, dir, dir.join("tansu.log"))
                     .args(tansu_args(kafka_port, &opts.storage().engine_url(None)?))
                     .envs(opts.storage().tansu_env());
+                let persistence = if opts.durable_redis {
+                    let data = dir.join("redis");
+                    std::fs::create_dir_all(&data).context("Redis data dir")?;
+                    RedisPersistence::AppendFsyncAlways(data)
+                } else {
+                    RedisPersistence::None
+                };
                 let redis = ProcessSpec::new(&redis_binary()?, dir, dir.join("redis.log"))
-                    .args(redis_args(redis_port, &RedisPersistence::None));
+                    .args(redis_args(redis_port, &persistence));
                 let mut kafka = Node::Process(ManagedProcess::new(tansu));
                 let mut redis = Node::Process(ManagedProcess::new(redis));
                 kafka.start().await?;
@@ -183,7 +193,8 @@ impl Infra {
         self.redis.kill().await
     }
 
-    /// Starts Redis again on the same port (empty: it keeps nothing on disk).
+    /// Starts Redis again on the same port: empty, unless started with
+    /// [`InfraOptions::durable_redis`].
     ///
     /// # Errors
     /// When it does not come back.
@@ -253,13 +264,36 @@ async fn start_tansu_container(
     Ok(Node::Container(Box::new(c)))
 }
 
-async fn start_redis_container(port: u16) -> anyhow::Result<Node> {
+async fn start_redis_container(port: u16, durable: bool) -> anyhow::Result<Node> {
     let image =
         std::env::var("COLLOQUY_REDIS_IMAGE").unwrap_or_else(|_| "colloquy/redis:local".into());
     let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
-    let c = GenericImage::new(name, tag)
-        .with_exposed_port(6379.tcp())
-        .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
+    let mut request = ContainerRequest::from(
+        GenericImage::new(name, tag)
+            .with_exposed_port(6379.tcp())
+            .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections")),
+    );
+    if durable {
+        // The image's own command keeps nothing on disk; a restarted container keeps its /data.
+        request = request.with_cmd([
+            "/usr/local/bin/redis-server",
+            "--port",
+            "6379",
+            "--bind",
+            "0.0.0.0",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--dir",
+            "/data",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ]);
+    }
+    let c = request
         .with_mapped_port(port, 6379.tcp())
         .with_startup_timeout(Duration::from_secs(30))
         .start()

@@ -10,6 +10,9 @@
 //! - `D|<nonce>`: answered (the answer is in `responses`).
 //! - `F|<nonce>`: failed for good (`llm_failed` is in `responses`).
 //!
+//! Outcomes are fsynced with every other write; leases are not written to the append-only file
+//! at all (a Redis restart forgets them, see [`CLAIM_LUA`]).
+//!
 //! The nonce tells a Kafka redelivery of the same record (same nonce: skip it) from a
 //! client's resend of the same message id (a new nonce): a resend after a failure is answered
 //! anew, a resend after an answer gets the stored answer again. The nonce is the gateway's
@@ -61,7 +64,16 @@ pub enum Outcome<'a> {
 
 /// KEYS: claim, memory. ARGV: lease value, lease ms, nonce, take over own lease (0/1), memory
 /// entries to read (0: none). Returns `{state}`, or `{'acquired', memory entries...}`.
+///
+/// Leases are taken and renewed without writing the append-only file (`REPL_NONE`): each
+/// write there costs an fsync on the way to every answer, and a lease only keeps two consumers
+/// from answering one message at once. A Redis restart forgets the leases (what the file held
+/// before them comes back: a failed send's outcome, or nothing), so a message redelivered
+/// meanwhile can be answered twice; the relay's delivered marker keeps the second answer from
+/// the user. Releases (rare: an abandoned job), final outcomes and memory ([`COMPLETE_LUA`])
+/// are written and fsynced, so a lease brought back by a rewritten file is still released.
 const CLAIM_LUA: &str = r"
+redis.set_repl(redis.REPL_NONE)
 local v = redis.call('GET', KEYS[1])
 -- Every path that does not acquire returns here; the rest fall through to the SET.
 if v == ARGV[1] then
@@ -86,6 +98,7 @@ return out
 
 /// KEYS: claim. ARGV: lease value, lease ms. Extends the lease only if this consumer holds it.
 const RENEW_LUA: &str = r"
+redis.set_repl(redis.REPL_NONE)
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1

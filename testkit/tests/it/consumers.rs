@@ -20,7 +20,7 @@ use colloquy_core::names::Names;
 use colloquy_core::offset_gaps::GapDetector;
 use colloquy_core::wire::{ErrorCode, EventId, ServerFrame};
 use colloquy_core::{UserId, kafka};
-use colloquy_testkit::infra::Infra;
+use colloquy_testkit::infra::{Infra, InfraOptions};
 use colloquy_testkit::{LlmChoice, TestApp};
 
 const T: Duration = Duration::from_secs(30);
@@ -1011,4 +1011,81 @@ fn produce_in_pairs(
             })
         })
         .collect()
+}
+
+/// What a Redis restart keeps of the consumers' and gateways' state (production's
+/// `appendfsync always` file): final outcomes and memory survive; leases and the rate limiter's
+/// arrival times, kept out of the file because each write there is an fsync in front of an
+/// answer, are forgotten. A forgotten lease lets a redelivered message be answered again
+/// (the relay keeps the second answer from the user); a forgotten arrival time is a fresh burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_keeps_outcomes_and_memory_and_forgets_leases_and_rate_state() {
+    use colloquy_gateway::rate_limit::{Decision, Gcra, RateLimiter};
+
+    let mut infra = Infra::start_with(InfraOptions {
+        durable_redis: true,
+        ..InfraOptions::default()
+    })
+    .await
+    .unwrap();
+    let names = Names::with_prefixes("", &format!("{}:", unique("aof")));
+    let memory = Memory::new(2, Duration::from_secs(600));
+    let day = Duration::from_secs(86_400);
+    let user = UserId::parse("grace").unwrap();
+    let gcra = Gcra::per_period(1, Duration::from_secs(3_600));
+    {
+        let pool = redis(&infra).await;
+        let a = Claims::new(pool.clone(), names.clone(), "a", day, day, memory);
+        assert!(matches!(
+            a.claim(&user, "answered", 1).await.unwrap(),
+            Claim::Acquired { .. }
+        ));
+        assert!(
+            a.complete(&user, "answered", 1, answered("q", "a"))
+                .await
+                .unwrap()
+        );
+        assert!(matches!(
+            a.claim(&user, "in-flight", 2).await.unwrap(),
+            Claim::Acquired { .. }
+        ));
+        let limiter = RateLimiter::new(gcra, pool.clone(), names.clone());
+        assert_eq!(limiter.check(&user).await, Decision::Allowed);
+        assert!(matches!(
+            limiter.check(&user).await,
+            Decision::Limited { .. }
+        ));
+        let rate: i64 = pool.exists(names.rate_key(&user)).await.unwrap();
+        assert_eq!(rate, 1, "the limiter keeps its state in Redis");
+    }
+
+    infra.kill_redis().await.unwrap();
+    infra.start_redis().await.unwrap();
+    let pool = redis(&infra).await;
+    let b = Claims::new(pool.clone(), names.clone(), "b", day, day, memory);
+
+    assert_eq!(
+        b.claim(&user, "answered", 1).await.unwrap(),
+        Claim::AlreadyDone,
+        "a final outcome is fsynced"
+    );
+    match b.claim(&user, "in-flight", 2).await.unwrap() {
+        Claim::Acquired { history } => assert_eq!(
+            history,
+            exchange("q", "a").to_vec(),
+            "a's lease is forgotten; the memory is kept"
+        ),
+        other => panic!("a's lease outlived the restart: {other:?}"),
+    }
+    let rate: i64 = pool.exists(names.rate_key(&user)).await.unwrap();
+    assert_eq!(
+        rate, 0,
+        "the rate limiter's state is not in the append-only file"
+    );
+    let limiter = RateLimiter::new(gcra, pool, names);
+    assert_eq!(
+        limiter.check(&user).await,
+        Decision::Allowed,
+        "a fresh burst after the restart"
+    );
 }
