@@ -438,6 +438,14 @@ impl Stack {
         if let Some(wait) = self.fetch_wait_ms {
             kafka.fetch_wait_max_ms = wait;
         }
+        // Measurements: `KAFKA_LINGER_MS` in this process's environment sets every
+        // producer's linger, as `TANSU_FETCH_MIN_WAIT_MS` sets the broker's hold.
+        if let Some(ms) = std::env::var("KAFKA_LINGER_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            kafka.linger_ms = ms;
+        }
         if let Some(instance) = consumer_instance {
             kafka.assignment = Assignment::All;
             kafka.group_instance_id = Some(instance.to_owned());
