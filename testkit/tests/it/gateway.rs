@@ -1038,3 +1038,41 @@ async fn a_gateway_started_while_redis_is_loading_becomes_ready_when_redis_does(
     let _ = task.await;
     app.shutdown().await;
 }
+
+/// A vanished Redis costs a message at most the limiter's short budget, never the pool's
+/// command timeout: with a 30 s timeout (and its retry) every message in flight used to wait
+/// it out before the local limiter decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_redis_does_not_hold_messages_for_the_command_timeout() {
+    use colloquy_core::names::Names;
+    use colloquy_gateway::rate_limit::{Decision, Gcra, RateLimiter};
+
+    let mut infra = colloquy_testkit::infra::Infra::start().await.unwrap();
+    let mut cfg = colloquy_core::config::RedisConfig::local(infra.redis_url.clone());
+    cfg.command_timeout_ms = 30_000;
+    let pool = colloquy_core::redis::pool(&cfg).await.unwrap();
+    let limiter = RateLimiter::new(
+        Gcra::per_period(2, Duration::from_secs(60)),
+        pool,
+        Names::default(),
+    );
+    let user = colloquy_core::UserId::parse("hasty").unwrap();
+    infra.kill_redis().await.unwrap();
+    // Far below the 30 s timeout, far above the budget: a liveness bound, not a speed test.
+    let within = Duration::from_secs(10);
+    for expected in [
+        Decision::Allowed,
+        Decision::Allowed,
+        Decision::Limited {
+            retry_after_ms: 30_000,
+        },
+    ] {
+        let decided = tokio::time::timeout(within, limiter.check(&user))
+            .await
+            .expect("the local limiter decides while Redis is gone");
+        match (decided, expected) {
+            (Decision::Limited { .. }, Decision::Limited { .. }) => {}
+            (d, e) => assert_eq!(d, e),
+        }
+    }
+}
