@@ -1056,7 +1056,7 @@ async fn a_vanished_redis_does_not_hold_messages_for_the_command_timeout() {
         pool,
         Names::default(),
     );
-    let user = colloquy_core::UserId::parse("hasty").unwrap();
+    let user = UserId::parse("hasty").unwrap();
     infra.kill_redis().await.unwrap();
     // Far below the 30 s timeout, far above the budget: a liveness bound, not a speed test.
     let within = Duration::from_secs(10);
