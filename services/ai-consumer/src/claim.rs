@@ -11,7 +11,7 @@
 //! - `F|<nonce>`: failed for good (`llm_failed` is in `responses`).
 //!
 //! Outcomes are fsynced with every other write; leases are not written to the append-only file
-//! at all (a Redis restart forgets them, see [`CLAIM_LUA`]).
+//! at all (a Redis restart forgets them: see `CLAIM_LUA`).
 //!
 //! The nonce tells a Kafka redelivery of the same record (same nonce: skip it) from a
 //! client's resend of the same message id (a new nonce): a resend after a failure is answered
