@@ -98,7 +98,9 @@ impl WsClient {
         }
         let (ws, _) = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::connect_async_with_config(request, Some(client_config()), false),
+            // TCP_NODELAY, as browsers do: a message written right after a pong would
+            // otherwise wait for the pong's ack.
+            tokio_tungstenite::connect_async_with_config(request, Some(client_config()), true),
         )
         .await
         .context("WebSocket connect timed out")??;
@@ -215,6 +217,27 @@ impl WsClient {
                             (u16::from(code), reason.to_string())
                         });
                     return Ok(Received::Closed { code, reason });
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Waits for the gateway's next WebSocket ping (answering it, as every client library
+    /// does), skipping text frames; returns when it arrived.
+    ///
+    /// # Errors
+    /// On timeout or when the socket closes first.
+    pub async fn next_ping(&mut self, timeout: Duration) -> anyhow::Result<tokio::time::Instant> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .context("no ping in time")?
+            {
+                Some(Ok(Message::Ping(_))) => return Ok(tokio::time::Instant::now()),
+                Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                    anyhow::bail!("the socket closed before a ping")
                 }
                 Some(Ok(_)) => {}
             }

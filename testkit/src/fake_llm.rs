@@ -215,6 +215,10 @@ impl FakeLlm {
         let state = FakeLlmState::new(cfg);
         let app = router(state.clone());
         let (stop, stopped) = oneshot::channel::<()>();
+        // A stream is many small writes: without TCP_NODELAY each waits for the last one's ack.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {

@@ -16,8 +16,8 @@ use testcontainers::{ContainerAsync, ContainerRequest, GenericImage, ImageExt};
 use tokio::process::Command;
 
 use crate::process::{
-    ManagedProcess, ProcessSpec, RedisPersistence, Storage, free_port, redis_args, redis_binary,
-    tansu_args, tansu_binary, wait_port,
+    ManagedProcess, ProcessSpec, RedisPersistence, Storage, free_port, redis_args,
+    redis_args_bound, redis_binary, tansu_args, tansu_binary, wait_port,
 };
 
 /// Which way infrastructure runs.
@@ -275,23 +275,11 @@ async fn start_redis_container(port: u16, durable: bool) -> anyhow::Result<Node>
     );
     if durable {
         // The image's own command keeps nothing on disk; a restarted container keeps its /data.
-        request = request.with_cmd([
-            "/usr/local/bin/redis-server",
-            "--port",
-            "6379",
-            "--bind",
-            "0.0.0.0",
-            "--protected-mode",
-            "no",
-            "--save",
-            "",
-            "--dir",
-            "/data",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-        ]);
+        let persistence = RedisPersistence::AppendFsyncAlways("/data".into());
+        let mut cmd = vec!["/usr/local/bin/redis-server".to_owned()];
+        cmd.extend(redis_args_bound("0.0.0.0", 6379, &persistence));
+        cmd.extend(["--protected-mode".to_owned(), "no".to_owned()]);
+        request = request.with_cmd(cmd);
     }
     let c = request
         .with_mapped_port(port, 6379.tcp())

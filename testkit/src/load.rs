@@ -355,12 +355,20 @@ pub async fn run_observed(
         };
         tasks.push(tokio::spawn(sim.run(conn)));
     }
+    let mut open = Vec::with_capacity(cfg.users);
     for t in tasks {
-        let _ = t.await;
+        if let Ok(Some(conn)) = t.await {
+            open.push(conn);
+        }
     }
     let elapsed = t0.elapsed();
     let check = checker.report();
     let timeline = checker.timeline(t0, Duration::from_secs(1));
+    // Users hang up only once every user is done: a user who finished early stays connected
+    // like an idle one, so the schedule's last second is not also a storm of disconnects.
+    futures::stream::iter(open)
+        .for_each_concurrent(CONNECT_CONCURRENCY, WsClient::close)
+        .await;
     let throughput = check.delivered as f64 / elapsed.as_secs_f64().max(1e-9);
     let sustained = sustained_rate(&timeline, schedule).unwrap_or(throughput);
     LoadReport {
@@ -593,7 +601,8 @@ impl UserSim {
         format!("question {n} from {}", self.user)
     }
 
-    async fn run(mut self, first: Option<WsClient>) {
+    /// Plays this user's schedule; returns its connection, still open, when it has one.
+    async fn run(mut self, first: Option<WsClient>) -> Option<WsClient> {
         let mut conn = first;
         let mut conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
         // The newest event id this user saw: where a new connection resumes.
@@ -624,7 +633,7 @@ impl UserSim {
                             self.outbox.reconnected(Instant::now());
                         }
                     }
-                    Err(_) => return,
+                    Err(_) => return None,
                 }
                 continue;
             };
@@ -662,9 +671,7 @@ impl UserSim {
                 Err(_) => {}
             }
         }
-        if let Some(c) = conn {
-            c.close().await;
-        }
+        conn
     }
 
     async fn send(&self, conn: &mut WsClient, n: usize) -> anyhow::Result<()> {

@@ -166,11 +166,17 @@ pub enum RedisPersistence {
 /// snapshotting.
 #[must_use]
 pub fn redis_args(port: u16, persistence: &RedisPersistence) -> Vec<String> {
+    redis_args_bound("127.0.0.1", port, persistence)
+}
+
+/// [`redis_args`] listening on `bind` (a container's Redis binds every address).
+#[must_use]
+pub fn redis_args_bound(bind: &str, port: u16, persistence: &RedisPersistence) -> Vec<String> {
     let mut args: Vec<String> = [
         "--port",
         &port.to_string(),
         "--bind",
-        "127.0.0.1",
+        bind,
         "--daemonize",
         "no",
         "--save",
@@ -497,6 +503,10 @@ mod tests {
         assert!(durable.windows(2).any(|w| w == ["--appendfsync", "always"]));
         assert!(durable.windows(2).any(|w| w == ["--dir", "/d"]));
         assert!(durable.windows(2).any(|w| w == ["--save", ""]));
+        assert!(durable.windows(2).any(|w| w == ["--bind", "127.0.0.1"]));
+        let container = redis_args_bound("0.0.0.0", 6379, &RedisPersistence::None);
+        assert!(container.windows(2).any(|w| w == ["--bind", "0.0.0.0"]));
+        assert!(container.windows(2).any(|w| w == ["--port", "6379"]));
     }
 
     #[test]

@@ -228,7 +228,7 @@ pub struct Connection {
     resume_refilled_ms: u64,
     token_expires_ms: Option<u64>,
     last_heard_ms: u64,
-    last_ping_ms: u64,
+    next_ping_ms: u64,
     closed: bool,
     /// Deliveries not written because this connection wrote them already, not yet counted.
     duplicates: u64,
@@ -259,7 +259,7 @@ impl Connection {
             resume_refilled_ms: now_ms,
             token_expires_ms,
             last_heard_ms: now_ms,
-            last_ping_ms: now_ms,
+            next_ping_ms: now_ms.saturating_add(limits.ping_interval_ms),
             closed: false,
             duplicates: 0,
         };
@@ -270,6 +270,16 @@ impl Connection {
             actions.push(conn.start_reading(after, true));
         }
         (conn, actions)
+    }
+
+    /// Brings the first ping `ahead_ms` closer (at most a whole interval: then it is due at
+    /// once); later pings keep the interval. The session draws `ahead_ms` at random, so sockets
+    /// opened together (a reconnect wave after a gateway restart, a load test) do not ping in the
+    /// same second of every interval for as long as they stay.
+    pub fn advance_first_ping(&mut self, ahead_ms: u64) {
+        self.next_ping_ms = self
+            .next_ping_ms
+            .saturating_sub(ahead_ms.min(self.limits.ping_interval_ms));
     }
 
     /// The cursor: everything this connection owes at or below it was written.
@@ -572,8 +582,8 @@ impl Connection {
                 reason: "no answer to pings",
             }];
         }
-        if now_ms.saturating_sub(self.last_ping_ms) >= self.limits.ping_interval_ms {
-            self.last_ping_ms = now_ms;
+        if now_ms >= self.next_ping_ms {
+            self.next_ping_ms = now_ms.saturating_add(self.limits.ping_interval_ms);
             return vec![Action::Ping];
         }
         Vec::new()
@@ -949,6 +959,23 @@ mod tests {
             &conn.on_binary(0)[..],
             [Action::Refuse(_, Refusal::Invalid)]
         ));
+    }
+
+    #[test]
+    fn an_advanced_first_ping_comes_early_and_later_ones_keep_the_interval() {
+        let l = limits();
+        let (mut conn, _) = Connection::open(l, USER, id(0), None, None, 1_000);
+        conn.advance_first_ping(l.ping_interval_ms - 3_000);
+        assert!(conn.on_tick(3_999).is_empty());
+        assert_eq!(conn.on_tick(4_000), vec![Action::Ping]);
+        conn.on_heard(4_010);
+        assert!(conn.on_tick(4_000 + l.ping_interval_ms - 1).is_empty());
+        assert_eq!(conn.on_tick(4_000 + l.ping_interval_ms), vec![Action::Ping]);
+        // More than an interval ahead is a ping at once, not one in the past forever.
+        let (mut conn, _) = Connection::open(l, USER, id(0), None, None, 1_000);
+        conn.advance_first_ping(10 * l.ping_interval_ms);
+        assert_eq!(conn.on_tick(1_000), vec![Action::Ping]);
+        assert!(conn.on_tick(1_001).is_empty());
     }
 
     #[test]

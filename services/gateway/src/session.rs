@@ -140,14 +140,18 @@ where
     }
     .emit();
 
+    let limits = limits(&state);
     let (mut conn, first) = Connection::open(
-        limits(&state),
+        limits,
         user.as_str(),
         position,
         after,
         token_expires_ms,
         unix_ms(),
     );
+    // Sockets opened together would otherwise ping together every interval: a gateway's
+    // thousand sockets pinged in one second stalled every answer by ~80 ms (docs/performance.md).
+    conn.advance_first_ping(rand::random_range(0..limits.ping_interval_ms.max(1)));
     let io = Io {
         state: &state,
         user: &user,

@@ -369,6 +369,33 @@ fn answered<'a>(question: &'a str, answer: &'a str) -> Outcome<'a> {
     Outcome::Answered { question, answer }
 }
 
+/// `claims` takes `msg_id` fresh and records `question` answered with `answer`.
+async fn claim_and_answer(
+    claims: &Claims,
+    user: &UserId,
+    msg_id: &str,
+    nonce: i64,
+    (question, answer): (&str, &str),
+) {
+    assert!(
+        matches!(
+            claims
+                .claim(user, msg_id, nonce)
+                .await
+                .expect("claim reaches Redis"),
+            Claim::Acquired { .. }
+        ),
+        "{msg_id} was not free to claim"
+    );
+    assert!(
+        claims
+            .complete(user, msg_id, nonce, answered(question, answer))
+            .await
+            .expect("completion reaches Redis"),
+        "{msg_id}'s answer was not recorded"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_read_the_memory_and_completions_append_each_answer_once() {
     let infra = Infra::start().await.unwrap();
@@ -441,15 +468,7 @@ async fn claims_read_the_memory_and_completions_append_each_answer_once() {
     );
 
     // Two turns are kept: the oldest goes.
-    assert!(matches!(
-        b.claim(&user, "m4", 4).await.unwrap(),
-        Claim::Acquired { .. }
-    ));
-    assert!(
-        b.complete(&user, "m4", 4, answered("q4", "a4"))
-            .await
-            .unwrap()
-    );
+    claim_and_answer(&b, &user, "m4", 4, ("q4", "a4")).await;
     let mut expected = exchange("q3", "a3").to_vec();
     expected.extend(exchange("q4", "a4"));
     assert_eq!(history(b.claim(&user, "m5", 5).await.unwrap()), expected);
@@ -1036,15 +1055,7 @@ async fn a_redis_restart_keeps_outcomes_and_memory_and_forgets_leases_and_rate_s
     {
         let pool = redis(&infra).await;
         let a = Claims::new(pool.clone(), names.clone(), "a", day, day, memory);
-        assert!(matches!(
-            a.claim(&user, "answered", 1).await.unwrap(),
-            Claim::Acquired { .. }
-        ));
-        assert!(
-            a.complete(&user, "answered", 1, answered("q", "a"))
-                .await
-                .unwrap()
-        );
+        claim_and_answer(&a, &user, "answered", 1, ("q", "a")).await;
         assert!(matches!(
             a.claim(&user, "in-flight", 2).await.unwrap(),
             Claim::Acquired { .. }

@@ -712,6 +712,45 @@ async fn silent_peers_are_pinged_then_closed_and_answering_ones_stay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_opened_together_are_pinged_spread_over_the_interval() {
+    const INTERVAL: Duration = Duration::from_secs(6);
+    let app = TestApp::builder()
+        .gateway_config(|g| {
+            g.ping_interval_secs = INTERVAL.as_secs();
+            g.idle_timeout_secs = 60;
+        })
+        .spawn()
+        .await
+        .unwrap();
+    let mut sockets = Vec::new();
+    for i in 0..16 {
+        let mut ws = app.connect(0, &format!("herd-{i}")).await.unwrap();
+        ws.welcome(T).await.unwrap();
+        sockets.push(ws);
+    }
+    let opened = tokio::time::Instant::now();
+    let pings =
+        futures::future::join_all(sockets.iter_mut().map(|ws| ws.next_ping(INTERVAL + T))).await;
+    let after: Vec<Duration> = pings
+        .into_iter()
+        .map(|p| p.unwrap().saturating_duration_since(opened))
+        .collect();
+    let (first, last) = (after.iter().min().unwrap(), after.iter().max().unwrap());
+    // Without the spread all 16 first pings fall in the tick one interval after the opens
+    // (within the few hundred milliseconds the opens took).
+    assert!(
+        *last - *first >= INTERVAL / 3,
+        "first pings all within {:?} of each other: {after:?}",
+        *last - *first
+    );
+    assert!(
+        *last <= INTERVAL + Duration::from_secs(3),
+        "a first ping came later than one interval: {after:?}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connecting_while_redis_is_down_fails_fast_with_1013() {
     let mut app = TestApp::spawn().await.unwrap();
     // Tokens need no Redis; take them first.
