@@ -149,8 +149,9 @@ where
         token_expires_ms,
         unix_ms(),
     );
-    // Sockets opened together would otherwise ping together every interval: a gateway's
-    // thousand sockets pinged in one second stalled every answer by ~80 ms (docs/performance.md).
+    // Sockets opened together would otherwise be pinged in the same second of every interval:
+    // a thousand pings at once, each followed by a delivery that (before TCP_NODELAY, lib.rs)
+    // waited for the ping's ack; answers in that second were ~80 ms late (docs/performance.md).
     conn.advance_first_ping(rand::random_range(0..limits.ping_interval_ms.max(1)));
     let io = Io {
         state: &state,
