@@ -369,6 +369,14 @@ fn answered<'a>(question: &'a str, answer: &'a str) -> Outcome<'a> {
     Outcome::Answered { question, answer }
 }
 
+/// A whole number from the environment (a longer run by hand), `default` when unset or not one.
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// `claims` takes `msg_id` fresh and records `question` answered with `answer`.
 async fn claim_and_answer(
     claims: &Claims,
@@ -721,14 +729,8 @@ async fn concurrent_producers_then_every_offset_is_read_once_healed() {
 /// concurrent_producers_never --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_producers_never_make_the_broker_skip_an_offset() {
-    let producers: usize = std::env::var("REPRO_PRODUCERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
-    let per_producer: usize = std::env::var("REPRO_RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5_000);
+    let producers = env_usize("REPRO_PRODUCERS", 8);
+    let per_producer = env_usize("REPRO_RECORDS", 5_000);
     let infra = Infra::start().await.unwrap();
     let mut k = one_partition(&infra);
     // Many small batches, as two gateways produce them: each one a window.
