@@ -22,6 +22,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::Listener as _;
 use bytes::Bytes;
 use colloquy_core::config::{Secrets, ToEnv};
 use serde::{Deserialize, Serialize};
@@ -206,7 +207,8 @@ impl FakeLlm {
     /// # Errors
     /// When the address cannot be bound.
     pub async fn start(cfg: FakeLlmConfig, addr: SocketAddr) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(addr)
+        // A stream is many small writes: each goes out at once.
+        let listener = colloquy_core::net::listen(addr)
             .await
             .with_context(|| format!("cannot bind the fake LLM to {addr}"))?;
         let addr = listener
@@ -215,10 +217,6 @@ impl FakeLlm {
         let state = FakeLlmState::new(cfg);
         let app = router(state.clone());
         let (stop, stopped) = oneshot::channel::<()>();
-        // A stream is many small writes: without TCP_NODELAY each waits for the last one's ack.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {

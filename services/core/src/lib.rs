@@ -17,6 +17,7 @@ pub mod kafka;
 pub mod labels;
 pub mod metrics;
 pub mod names;
+pub mod net;
 pub mod offset_gaps;
 pub mod records;
 pub mod redis;

@@ -22,13 +22,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::{Listener as _, ListenerExt, TapIo};
+use axum::serve::Listener as _;
 use rdkafka::producer::Producer;
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use colloquy_core::config::{KafkaConfig, RedisConfig};
 use colloquy_core::names::Names;
+use colloquy_core::net::{Listener, listen};
 
 use crate::auth::TokenService;
 use crate::config::GatewayConfig;
@@ -43,25 +43,6 @@ pub struct Settings {
     pub kafka: KafkaConfig,
     pub redis: RedisConfig,
     pub names: Names,
-}
-
-/// The gateway's listener: every accepted socket gets TCP_NODELAY ([`no_delay`]).
-type Listener = TapIo<TcpListener, fn(&mut TcpStream)>;
-
-async fn listen(addr: std::net::SocketAddr) -> std::io::Result<Listener> {
-    Ok(TcpListener::bind(addr)
-        .await?
-        .tap_io(no_delay as fn(&mut TcpStream)))
-}
-
-/// Frames are small and written as they come (an ack, a ping, a delivery): with Nagle's
-/// algorithm a frame written before the previous one's TCP ack waits for it, up to the peer's
-/// delayed-ack timer (40 ms on Linux). A delivery written after a ping waited so: ~5 % of
-/// answers 40 ms late at 1,000 msg/s (docs/performance.md).
-fn no_delay(tcp: &mut TcpStream) {
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::warn!(error = %e, "cannot set TCP_NODELAY on an accepted socket");
-    }
 }
 
 /// A built gateway, bound to its port, not yet serving.
@@ -181,19 +162,5 @@ impl Application {
         let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
         tracing::info!("gateway stopped");
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_sockets_write_without_nagles_delay() {
-        let mut listener = listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let _client = TcpStream::connect(addr).await.unwrap();
-        let (accepted, _) = listener.accept().await;
-        assert!(accepted.nodelay().unwrap());
     }
 }
