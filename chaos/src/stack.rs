@@ -30,7 +30,8 @@ use colloquy_testkit::fake_llm::{FakeLlmConfig, FakeLlmProcessConfig};
 use colloquy_testkit::postgres::Cluster;
 pub use colloquy_testkit::process::Storage;
 use colloquy_testkit::process::{
-    ManagedProcess, ProcessSpec, RedisPersistence, accepts, free_port, redis_args, tansu_args,
+    ManagedProcess, ProcessSpec, RedisPersistence, accepts, answers_ping, free_port, redis_args,
+    tansu_args,
 };
 
 use crate::binaries::Binaries;
@@ -144,6 +145,8 @@ impl Default for StackOptions {
 enum Probe {
     /// Something accepts connections on the port.
     Tcp(u16),
+    /// Redis on the port answers `PING` (not while it reads its append-only file).
+    Redis(u16),
     /// `GET url` answers 2xx.
     Http(String),
 }
@@ -402,7 +405,7 @@ impl Stack {
         let persistence = RedisPersistence::AppendFsyncAlways(dir.clone());
         let spec = ProcessSpec::new(&bins.redis, &dir, self.log(Component::Redis))
             .args(redis_args(ports.redis, &persistence));
-        Ok(Member::new(spec, Probe::Tcp(ports.redis)))
+        Ok(Member::new(spec, Probe::Redis(ports.redis)))
     }
 
     fn fake_llm(&self, bins: &Binaries, opts: &StackOptions, ports: &Ports) -> Member {
@@ -620,6 +623,7 @@ impl Stack {
             }
             let ready = match probe {
                 Probe::Tcp(port) => accepts(*port).await,
+                Probe::Redis(port) => answers_ping(*port).await,
                 Probe::Http(url) => http
                     .get(url)
                     .send()

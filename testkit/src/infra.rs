@@ -17,7 +17,7 @@ use tokio::process::Command;
 
 use crate::process::{
     ManagedProcess, ProcessSpec, RedisPersistence, Storage, free_port, redis_args,
-    redis_args_bound, redis_binary, tansu_args, tansu_binary, wait_port,
+    redis_args_bound, redis_binary, tansu_args, tansu_binary, wait_port, wait_redis,
 };
 
 /// Which way infrastructure runs.
@@ -159,7 +159,7 @@ impl Infra {
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
-        wait_port(self.redis_port, Duration::from_secs(30))
+        wait_redis(self.redis_port, Duration::from_secs(30))
             .await
             .context("Redis did not come up")?;
         wait_port(self.kafka_port, Duration::from_secs(60))
@@ -200,7 +200,7 @@ impl Infra {
     /// When it does not come back.
     pub async fn start_redis(&mut self) -> anyhow::Result<()> {
         self.redis.start().await?;
-        wait_port(self.redis_port, Duration::from_secs(30)).await
+        wait_redis(self.redis_port, Duration::from_secs(30)).await
     }
 }
 

@@ -265,6 +265,40 @@ pub async fn accepts(port: u16) -> bool {
         .is_ok()
 }
 
+/// Waits until Redis on 127.0.0.1:`port` answers `PING` with `PONG`.
+///
+/// An open port is not enough: Docker's proxy accepts connections before the container's Redis
+/// listens (and then closes them), and a Redis reading its append-only file answers `LOADING`.
+///
+/// # Errors
+/// When it does not answer within `timeout`.
+pub async fn wait_redis(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if answers_ping(port).await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("Redis on 127.0.0.1:{port} does not answer PING after {timeout:?}")
+}
+
+/// Whether Redis on 127.0.0.1:`port` answers `PING` with `PONG` now (within a second).
+pub async fn answers_ping(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let ping = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.write_all(b"PING\r\n").await?;
+        let mut reply = [0_u8; 7];
+        stream.read_exact(&mut reply).await?;
+        std::io::Result::Ok(&reply == b"+PONG\r\n")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), ping).await,
+        Ok(Ok(true))
+    )
+}
+
 /// What to run: the program, its arguments and environment, where, and where its output goes.
 #[derive(Clone, Debug)]
 pub struct ProcessSpec {
@@ -524,6 +558,46 @@ mod tests {
                 "sqlite://tansu.db",
             ]
         );
+    }
+
+    /// A listener on a free port whose every connection gets `reply` (after reading the
+    /// request) and is closed; `None` closes at once, as Docker's proxy does while the
+    /// container's server is not listening yet.
+    async fn fake_server(reply: Option<&'static [u8]>) -> u16 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                if let Some(reply) = reply {
+                    let mut request = [0_u8; 64];
+                    let _ = socket.read(&mut request).await;
+                    let _ = socket.write_all(reply).await;
+                }
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn redis_is_ready_when_it_answers_ping_not_when_its_port_accepts() {
+        let proxy = fake_server(None).await;
+        assert!(accepts(proxy).await);
+        assert!(!answers_ping(proxy).await, "a port that accepts and closes");
+        let loading =
+            fake_server(Some(b"-LOADING Redis is loading the dataset in memory\r\n")).await;
+        assert!(!answers_ping(loading).await, "a Redis reading its file");
+        let err = wait_redis(loading, Duration::from_millis(300))
+            .await
+            .expect_err("never ready");
+        assert!(err.to_string().contains("does not answer PING"), "{err}");
+        let ready = fake_server(Some(b"+PONG\r\n")).await;
+        assert!(answers_ping(ready).await);
+        wait_redis(ready, Duration::from_secs(5))
+            .await
+            .expect("ready");
     }
 
     #[tokio::test]
