@@ -209,7 +209,7 @@ cmd_up() {
   # TANSU_FETCH_MIN_WAIT_MS: how long the (patched) broker holds a fetch before reading, so what
   # arrives meanwhile goes out in one pass: 30 ms for postgres (its p99 at 500 msg/s: 165 ms,
   # 478 ms at 100), 100 ms for sqlite (dearer passes), 5 ms for memory (testkit's
-  # Storage::fetch_min_wait_ms holds the same values).
+  # Storage::default_fetch_min_wait_ms holds the same values; a test compares them).
   local storage kafka_fetch_wait kafka_partitions fetch_min_wait
   case "${KAFKA_STORAGE:-postgres}" in
     sqlite)

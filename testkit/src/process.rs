@@ -103,12 +103,16 @@ impl Storage {
     /// overrides them (measurements).
     #[must_use]
     pub fn fetch_min_wait_ms(self) -> u64 {
-        if let Some(ms) = std::env::var("TANSU_FETCH_MIN_WAIT_MS")
+        std::env::var("TANSU_FETCH_MIN_WAIT_MS")
             .ok()
             .and_then(|v| v.parse().ok())
-        {
-            return ms;
-        }
+            .unwrap_or_else(|| self.default_fetch_min_wait_ms())
+    }
+
+    /// [`Self::fetch_min_wait_ms`] without the override. `scripts/stack.sh` and
+    /// `infra/compose.local.yaml` repeat these values (a test holds them to it).
+    #[must_use]
+    pub const fn default_fetch_min_wait_ms(self) -> u64 {
         match self {
             Self::Memory => 5,
             Self::Postgres => 30,
@@ -541,6 +545,44 @@ mod tests {
         let container = redis_args_bound("0.0.0.0", 6379, &RedisPersistence::None);
         assert!(container.windows(2).any(|w| w == ["--bind", "0.0.0.0"]));
         assert!(container.windows(2).any(|w| w == ["--port", "6379"]));
+    }
+
+    /// The bash and YAML launchers cannot call this crate, so they repeat the broker's hold per
+    /// engine: they must say what [`Storage::default_fetch_min_wait_ms`] says.
+    #[test]
+    fn every_launcher_holds_fetches_as_long_as_the_testkit() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let read = |path: &str| {
+            std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        let stack = read("scripts/stack.sh");
+        for storage in [Storage::Memory, Storage::Postgres, Storage::Sqlite] {
+            let case = stack
+                .split(&format!("\n    {storage})\n"))
+                .nth(1)
+                .and_then(|rest| rest.split(";;").next())
+                .unwrap_or_else(|| panic!("no `{storage})` case in scripts/stack.sh"));
+            let ms = case
+                .split("TANSU_FETCH_MIN_WAIT_MS:-")
+                .nth(1)
+                .and_then(|rest| rest.split('}').next())
+                .and_then(|ms| ms.parse::<u64>().ok());
+            assert_eq!(
+                ms,
+                Some(storage.default_fetch_min_wait_ms()),
+                "the {storage} case of scripts/stack.sh"
+            );
+        }
+        let compose = read("infra/compose.local.yaml");
+        assert!(compose.contains("STORAGE_ENGINE: memory://"), "{compose}");
+        let held = format!(
+            "TANSU_FETCH_MIN_WAIT_MS: \"{}\"",
+            Storage::Memory.default_fetch_min_wait_ms()
+        );
+        assert!(
+            compose.contains(&held),
+            "infra/compose.local.yaml lacks {held}"
+        );
     }
 
     #[test]
