@@ -21,12 +21,13 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use colloquy_core::wire::{ErrorCode, ServerFrame};
 
@@ -334,6 +335,8 @@ pub async fn run_observed(
     on_start(t0);
     let schedule = cfg.schedule();
     let deadline = t0 + schedule + Duration::from_secs(cfg.timeout_secs);
+    let playing = Arc::new(AtomicUsize::new(cfg.users));
+    let all_done = CancellationToken::new();
     let mut tasks = Vec::with_capacity(cfg.users);
     for (u, (user, conn)) in users.into_iter().zip(conns).enumerate() {
         let timing = (cfg.rate > 0.0).then(|| Timing {
@@ -352,6 +355,8 @@ pub async fn run_observed(
             checker: Arc::clone(&checker),
             reconnects: Arc::clone(&reconnects),
             deadline,
+            playing: Arc::clone(&playing),
+            all_done: all_done.clone(),
         };
         tasks.push(tokio::spawn(sim.run(conn)));
     }
@@ -364,8 +369,9 @@ pub async fn run_observed(
     let elapsed = t0.elapsed();
     let check = checker.report();
     let timeline = checker.timeline(t0, Duration::from_secs(1));
-    // Users hang up only once every user is done: a user who finished early stays connected
-    // like an idle one, so the schedule's last second is not also a storm of disconnects.
+    // Users hang up only once every user is done: a user who finished early stayed connected
+    // like an idle one (`UserSim::linger`), so the schedule's last second is not also a storm
+    // of disconnects.
     futures::stream::iter(open)
         .for_each_concurrent(CONNECT_CONCURRENCY, WsClient::close)
         .await;
@@ -590,6 +596,9 @@ struct UserSim {
     checker: Arc<Checker>,
     reconnects: Arc<AtomicU64>,
     deadline: Instant,
+    /// Users still playing their schedule; the last one to finish cancels `all_done`.
+    playing: Arc<AtomicUsize>,
+    all_done: CancellationToken,
 }
 
 impl UserSim {
@@ -601,12 +610,56 @@ impl UserSim {
         format!("question {n} from {}", self.user)
     }
 
-    /// Plays this user's schedule; returns its connection, still open, when it has one.
+    /// Plays this user's schedule, then stays connected until every user is done (see
+    /// [`UserSim::linger`]); returns its connection, still open, when it has one.
     async fn run(mut self, first: Option<WsClient>) -> Option<WsClient> {
-        let mut conn = first;
         let mut conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
         // The newest event id this user saw: where a new connection resumes.
         let mut cursor: Option<String> = None;
+        let conn = self.play(first, &mut conn_id, &mut cursor).await;
+        if self.playing.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.all_done.cancel();
+        }
+        self.linger(conn?, conn_id, &mut cursor).await
+    }
+
+    /// Done with its schedule, a user stays connected like an idle one, reading: its WebSocket
+    /// library answers the gateway's pings (unread, they would go unanswered and the gateway
+    /// would close the socket as silent), and a frame that still comes (a duplicate) is booked.
+    /// Until every user is done, or the run's deadline; `None` when the gateway closed it.
+    async fn linger(
+        &mut self,
+        mut conn: WsClient,
+        conn_id: u64,
+        cursor: &mut Option<String>,
+    ) -> Option<WsClient> {
+        let all_done = self.all_done.clone();
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            let received = tokio::select! {
+                () = all_done.cancelled() => None,
+                received = conn.recv(left) => Some(received),
+            };
+            match received {
+                None => return Some(conn),
+                Some(Ok(Received::Frame(frame))) => self.on_frame(frame, conn_id, cursor),
+                Some(Ok(Received::Closed { .. })) => return None,
+                Some(Err(_)) if Instant::now() >= self.deadline => return Some(conn),
+                // A frame this client does not know: carry on.
+                Some(Err(_)) => {}
+            }
+        }
+    }
+
+    /// Plays this user's schedule (until it is done or the run's deadline); returns the
+    /// connection it ends with, if any.
+    async fn play(
+        &mut self,
+        first: Option<WsClient>,
+        conn_id: &mut u64,
+        cursor: &mut Option<String>,
+    ) -> Option<WsClient> {
+        let mut conn = first;
         while !self.outbox.finished() && Instant::now() < self.deadline {
             let Some(c) = conn.as_mut() else {
                 // Before any answer, everything in this fresh user's inbox is this run's.
@@ -628,7 +681,7 @@ impl UserSim {
                 {
                     Ok(c) => {
                         conn = Some(c);
-                        conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
+                        *conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
                         if self.protocol == Protocol::Full {
                             self.outbox.reconnected(Instant::now());
                         }
@@ -662,7 +715,7 @@ impl UserSim {
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1));
             match c.recv(wait).await {
-                Ok(Received::Frame(frame)) => self.on_frame(frame, conn_id, &mut cursor),
+                Ok(Received::Frame(frame)) => self.on_frame(frame, *conn_id, cursor),
                 Ok(Received::Closed { .. }) => {
                     self.reconnects.fetch_add(1, Ordering::Relaxed);
                     conn = None;
@@ -868,6 +921,113 @@ pub async fn ramp(base: &LoadConfig, ramp: &RampConfig) -> RampReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A WebSocket server for one client: it pings every 50 ms for `for_how_long`, then returns
+    /// how many pongs came back, and the socket, still open.
+    async fn pinging_server(
+        for_how_long: Duration,
+    ) -> (
+        u16,
+        tokio::task::JoinHandle<(
+            usize,
+            tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+        )>,
+    ) {
+        use futures::SinkExt as _;
+        use tokio_tungstenite::tungstenite::Message;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut ws = tokio_tungstenite::accept_async(tcp)
+                .await
+                .expect("handshake");
+            let end = tokio::time::Instant::now() + for_how_long;
+            let mut ping = tokio::time::interval(Duration::from_millis(50));
+            let mut pongs = 0;
+            loop {
+                tokio::select! {
+                    _ = ping.tick() => {
+                        if tokio::time::Instant::now() >= end {
+                            break;
+                        }
+                        ws.send(Message::Ping(Vec::new().into())).await.expect("ping");
+                    }
+                    m = ws.next() => match m {
+                        Some(Ok(Message::Pong(_))) => pongs += 1,
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => break,
+                    },
+                }
+            }
+            (pongs, ws)
+        });
+        (port, server)
+    }
+
+    fn user(playing: usize, deadline: Instant) -> UserSim {
+        UserSim {
+            http: reqwest::Client::new(),
+            http_base: String::new(),
+            ws_bases: Arc::from(Vec::<String>::new()),
+            base_index: 0,
+            user: "early".into(),
+            outbox: Outbox::new(0, 0, None),
+            protocol: Protocol::Full,
+            checker: Arc::new(Checker::default()),
+            reconnects: Arc::new(AtomicU64::new(0)),
+            deadline,
+            playing: Arc::new(AtomicUsize::new(playing)),
+            all_done: CancellationToken::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_user_done_early_answers_pings_until_every_user_is_done() {
+        let (port, server) = pinging_server(Duration::from_millis(600)).await;
+        let conn = WsClient::connect(&format!("ws://127.0.0.1:{port}"), "early", "t", None)
+            .await
+            .expect("connect");
+        // Another user is still playing: this one's schedule (empty) is done at once.
+        let sim = user(2, Instant::now() + Duration::from_secs(30));
+        let (playing, all_done) = (Arc::clone(&sim.playing), sim.all_done.clone());
+        let lingering = tokio::spawn(sim.run(Some(conn)));
+        let (pongs, _open) = server.await.expect("server");
+        assert!(
+            pongs >= 5,
+            "only {pongs} of ~11 pings answered while waiting"
+        );
+        assert_eq!(playing.load(Ordering::Acquire), 1);
+        assert!(
+            !lingering.is_finished(),
+            "hung up before the others were done"
+        );
+        // The last user finishes: everyone hangs up.
+        all_done.cancel();
+        let conn = tokio::time::timeout(Duration::from_secs(5), lingering)
+            .await
+            .expect("hangs up once all are done")
+            .expect("no panic");
+        assert!(conn.is_some(), "the connection comes back to be closed");
+    }
+
+    #[tokio::test]
+    async fn the_last_user_to_finish_releases_everyone() {
+        let (port, server) = pinging_server(Duration::from_millis(100)).await;
+        let conn = WsClient::connect(&format!("ws://127.0.0.1:{port}"), "last", "t", None)
+            .await
+            .expect("connect");
+        let sim = user(1, Instant::now() + Duration::from_secs(30));
+        let all_done = sim.all_done.clone();
+        let conn = tokio::time::timeout(Duration::from_secs(5), sim.run(Some(conn)))
+            .await
+            .expect("the last user does not wait for itself");
+        assert!(all_done.is_cancelled());
+        assert!(conn.is_some());
+        drop(server);
+    }
 
     fn timing(t0: Instant) -> Timing {
         // 4 users at 40 msg/s: this user every 100 ms, 10 ms after t0.
