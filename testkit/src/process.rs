@@ -252,14 +252,22 @@ pub fn free_port() -> std::io::Result<u16> {
 /// # Errors
 /// When nothing does within `timeout`.
 pub async fn wait_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    if !poll_until(timeout, || accepts(port)).await {
+        bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+    }
+    Ok(())
+}
+
+/// Asks `ready` every 50 ms until it says yes (`true`) or `timeout` passes (`false`).
+async fn poll_until<F: Future<Output = bool>>(timeout: Duration, ready: impl Fn() -> F) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if accepts(port).await {
-            return Ok(());
+        if ready().await {
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}")
+    false
 }
 
 /// Whether something accepts connections on 127.0.0.1:`port` now.
@@ -277,14 +285,10 @@ pub async fn accepts(port: u16) -> bool {
 /// # Errors
 /// When it does not answer within `timeout`.
 pub async fn wait_redis(port: u16, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if answers_ping(port).await {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if !poll_until(timeout, || answers_ping(port)).await {
+        bail!("Redis on 127.0.0.1:{port} does not answer PING after {timeout:?}");
     }
-    bail!("Redis on 127.0.0.1:{port} does not answer PING after {timeout:?}")
+    Ok(())
 }
 
 /// Whether Redis on 127.0.0.1:`port` answers `PING` with `PONG` now (within a second).
