@@ -20,11 +20,23 @@ log "colloquy/redis:local answers PING on 127.0.0.1:$rp"
 
 tp="$(free_port)"
 CIDS+=("$(docker run -d -p "127.0.0.1:$tp:9092" -e "ADVERTISED_LISTENER_URL=tcp://127.0.0.1:$tp" colloquy/tansu:local)")
-for _ in $(seq 1 50); do port_open "$tp" && break; sleep 0.2; done
-port_open "$tp" || { log "tansu image: port $tp closed"; docker logs "${CIDS[-1]}" >&2; exit 1; }
+# An open host port proves little: Docker's userland proxy accepts on it before anything listens
+# in the container. tansu's own startup line is the proof, and it can take several seconds on a
+# loaded machine (a CI run failed here once with a 5 s wait and nothing logged yet), so wait up
+# to SMOKE_WAIT_SECS (60) for it, and stop early only if the container exited.
 # Read the logs into a variable first: `docker logs | grep -q` under pipefail fails when grep
 # exits early and docker logs gets SIGPIPE.
 advertised() { local logs; logs="$(docker logs "${CIDS[-1]}" 2>&1)"; grep -q "advertised: tcp://127.0.0.1:$tp" <<<"$logs"; }
-for _ in $(seq 1 25); do advertised && break; sleep 0.2; done
-advertised || { log "tansu image: wrong advertised listener"; docker logs "${CIDS[-1]}" >&2; exit 1; }
+running() { [ "$(docker inspect -f '{{.State.Running}}' "${CIDS[-1]}" 2>/dev/null)" = true ]; }
+tansu_failed() {
+  log "tansu image: $1 (container state: $(docker inspect -f '{{.State.Status}} exit={{.State.ExitCode}} started={{.State.StartedAt}}' "${CIDS[-1]}" 2>&1))"
+  log "its logs follow:"; docker logs "${CIDS[-1]}" >&2; exit 1
+}
+deadline=$((SECONDS + ${SMOKE_WAIT_SECS:-60}))
+until advertised; do
+  running || tansu_failed "the container stopped before advertising tcp://127.0.0.1:$tp"
+  [ "$SECONDS" -lt "$deadline" ] || tansu_failed "no 'advertised: tcp://127.0.0.1:$tp' within ${SMOKE_WAIT_SECS:-60} s"
+  sleep 0.2
+done
+port_open "$tp" || tansu_failed "port $tp closed after startup"
 log "colloquy/tansu:local accepts TCP on 127.0.0.1:$tp, advertising tcp://127.0.0.1:$tp"
