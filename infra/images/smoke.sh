@@ -14,7 +14,8 @@ trap cleanup EXIT
 
 rp="$(free_port)"
 CIDS+=("$(docker run -d -p "127.0.0.1:$rp:6379" colloquy/redis:local)")
-for _ in $(seq 1 50); do redis-cli -h 127.0.0.1 -p "$rp" ping 2>/dev/null | grep -q PONG && break; sleep 0.2; done
+deadline=$((SECONDS + ${SMOKE_WAIT_SECS:-60}))
+until redis-cli -h 127.0.0.1 -p "$rp" ping 2>/dev/null | grep -q PONG || [ "$SECONDS" -ge "$deadline" ]; do sleep 0.2; done
 redis-cli -h 127.0.0.1 -p "$rp" ping | grep -q PONG || { log "redis image: no PONG on $rp"; docker logs "${CIDS[-1]}" >&2; exit 1; }
 log "colloquy/redis:local answers PING on 127.0.0.1:$rp"
 
