@@ -96,6 +96,35 @@ pg_bin_dir() {
 # initdb and the server run as the `postgres` user (Debian's package creates it) through setpriv,
 # which execs, so the recorded pid is the server's.
 PG_PORT="${PG_PORT:-5433}"
+
+# After a crash (kill -9 of the stack, an OOM kill) the server's lock file, DATA/postmaster.pid,
+# is left behind. PostgreSQL removes a stale one by itself, but refuses to start while the pid in
+# it still exists ("lock file "postmaster.pid" already exists"): a killed server stays a zombie
+# until whoever adopted it reaps it (seen here: still there 0.8 s after kill -9, so `up` right
+# after the crash failed). Wait for such a pid to go; a pid reused by another program makes the
+# lock stale (removed); a live PostgreSQL on this data directory is an error.
+clear_stale_postmaster() {
+  local data="$1" lock="$1/postmaster.pid" old comm deadline=$((SECONDS + 30))
+  [ -f "$lock" ] || return 0
+  old="$(head -n 1 "$lock" 2>/dev/null || true)"
+  [[ "$old" =~ ^[0-9]+$ ]] || return 0
+  while kill -0 "$old" 2>/dev/null; do
+    comm="$(cat "/proc/$old/comm" 2>/dev/null || true)"
+    if pid_running "$old"; then
+      if [ "$comm" = postgres ]; then
+        die "PostgreSQL (pid $old) still runs on $data: stop it first (scripts/stack.sh down, or kill $old)"
+      fi
+      log "$lock names pid $old, now another program ($comm): removing the stale lock file"
+      rm -f "$lock"
+      return 0
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      die "pid $old of $lock (a PostgreSQL killed earlier) has not been reaped after 30 s"
+    fi
+    sleep 0.1
+  done
+}
+
 start_postgres() {
   local pgbin dir="$RUN/postgres" as=()
   pgbin="$(pg_bin_dir)" || die "PostgreSQL is not installed: run scripts/install-deps.sh"
@@ -109,6 +138,7 @@ start_postgres() {
     "${as[@]}" "$pgbin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >>"$LOGS/postgres.log" 2>&1 \
       || die "initdb failed; see $LOGS/postgres.log"
   fi
+  clear_stale_postmaster "$dir/data"
   start postgres "$dir" -- "${as[@]}" "$pgbin/postgres" -D "$dir/data" -p "$PG_PORT" -k "$dir" \
     -c listen_addresses=127.0.0.1
   wait_for postgres 60 "$pgbin/pg_isready" -h 127.0.0.1 -p "$PG_PORT" -U postgres
@@ -352,6 +382,8 @@ Colloquy is up, in DEV MODE (COLLOQUY_DEV=1: built-in AUTH_SECRET, open POST /to
 MSG
 }
 
+# Sourced (by a test of its functions), it only defines them.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;

@@ -589,6 +589,111 @@ mod tests {
         );
     }
 
+    /// `scripts/stack.sh up` right after the stack was killed: PostgreSQL's lock file names the
+    /// killed server, which stays a zombie until it is reaped, and PostgreSQL refuses to start
+    /// while that pid exists. `clear_stale_postmaster` must wait for it to go, drop a lock whose
+    /// pid now belongs to another program, and refuse a PostgreSQL that still runs.
+    #[test]
+    fn stack_sh_waits_for_a_killed_postgres_and_refuses_a_live_one() {
+        use std::process::Command as StdCommand;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack.sh");
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let lock = data.join("postmaster.pid");
+        let write_lock = |pid: u32| {
+            std::fs::write(
+                &lock,
+                format!("{pid}\n{}\n1700000000\n5433\n", data.display()),
+            )
+            .unwrap();
+        };
+        let clear = || {
+            StdCommand::new("bash")
+                .arg("-c")
+                // $0 must not be the script: sourced as itself, it would run its `case`.
+                .arg(r#"source "$1"; clear_stale_postmaster "$2""#)
+                .arg("stack-sh-test")
+                .arg(&script)
+                .arg(&data)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let finished_within = |child: &mut std::process::Child, limit: Duration| {
+            let deadline = Instant::now() + limit;
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    return Some(status);
+                }
+                if Instant::now() > deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+
+        // A killed server, not yet reaped: wait while it is a zombie, go on once it is reaped.
+        let mut killed = StdCommand::new("sleep").arg("30").spawn().unwrap();
+        killed.kill().unwrap(); // SIGKILL, not reaped: a zombie once the signal has landed
+        let stat = format!("/proc/{}/stat", killed.id());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(&stat).is_ok_and(|s| s.contains(") Z ")) {
+            assert!(
+                Instant::now() < deadline,
+                "the killed sleep never became a zombie"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        write_lock(killed.id());
+        let mut waiting = clear();
+        assert!(
+            finished_within(&mut waiting, Duration::from_millis(600)).is_none(),
+            "went on while the killed server's pid still existed"
+        );
+        killed.wait().unwrap();
+        let status = finished_within(&mut waiting, Duration::from_secs(10))
+            .expect("still waiting 10 s after the killed server was reaped");
+        assert!(status.success(), "{status}");
+
+        // The pid now belongs to another program: the lock is stale and removed.
+        let mut other = StdCommand::new("sleep").arg("30").spawn().unwrap();
+        write_lock(other.id());
+        let status = finished_within(&mut clear(), Duration::from_secs(10)).expect("hung");
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert!(status.success(), "{status}");
+        assert!(!lock.exists(), "the stale lock file is still there");
+
+        // A PostgreSQL that still runs on this data directory: refuse, and say so.
+        let postgres = dir.path().join("postgres");
+        std::fs::copy(which("sleep"), &postgres).unwrap();
+        let mut live = StdCommand::new(&postgres).arg("30").spawn().unwrap();
+        write_lock(live.id());
+        let refused = clear().wait_with_output().unwrap();
+        live.kill().unwrap();
+        live.wait().unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success(),
+            "a live PostgreSQL was not refused"
+        );
+        assert!(stderr.contains("still runs on"), "{stderr}");
+        assert!(lock.exists(), "a live server's lock file was removed");
+    }
+
+    /// `name`'s path on `PATH`.
+    fn which(name: &str) -> PathBuf {
+        std::env::var_os("PATH")
+            .and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|dir| dir.join(name))
+                    .find(|p| p.is_file())
+            })
+            .unwrap_or_else(|| panic!("{name} is not on PATH"))
+    }
+
     #[test]
     fn tansu_advertises_the_address_it_listens_on() {
         let args = tansu_args(9999, &Storage::Sqlite.engine_url(None).unwrap());
