@@ -125,9 +125,24 @@ clear_stale_postmaster() {
   done
 }
 
+# Where PostgreSQL's cluster lives: run/postgres, unless we are root and the `postgres` user
+# cannot reach run/ (a checkout under /root, mode 700): then a directory of its own under
+# /var/tmp, named after this checkout. PG_DIR overrides both.
+pg_dir() {
+  if [ -n "${PG_DIR:-}" ]; then echo "$PG_DIR"; return; fi
+  mkdir -p "$RUN"
+  if [ "$(id -u)" = 0 ] && ! setpriv --reuid=postgres --regid=postgres --init-groups -- test -x "$RUN" 2>/dev/null; then
+    echo "/var/tmp/colloquy-stack-$(printf '%s' "$REPO" | cksum | cut -d' ' -f1)/postgres"
+  else
+    echo "$RUN/postgres"
+  fi
+}
+
 start_postgres() {
-  local pgbin dir="$RUN/postgres" as=()
+  local pgbin dir as=()
   pgbin="$(pg_bin_dir)" || die "PostgreSQL is not installed: run scripts/install-deps.sh"
+  dir="$(pg_dir)"
+  [ "$dir" = "$RUN/postgres" ] || log "PostgreSQL's cluster: $dir (the postgres user cannot reach $RUN)"
   mkdir -p "$dir"
   if [ "$(id -u)" = 0 ]; then
     chown -R postgres:postgres "$dir" || die "cannot hand $dir to the postgres user"

@@ -5,7 +5,8 @@
 #   3. cargo fmt --check, cargo machete, cargo clippy -D warnings, cargo doc -D warnings, cargo build --bins (the chaos
 #      suites run them) and cargo test --workspace (the testkit uses containers or local
 #      processes: COLLOQUY_TESTKIT), the soak's CI form on release binaries (25,000 messages at
-#      1,000 msg/s through four faults), the benchmark's short form on postgres storage,
+#      1,000 msg/s through four faults), the whole scripts/stack.sh killed -9 under load and
+#      started again (chaos/crash-stack.sh), the benchmark's short form on postgres storage,
 #      FUZZ_SECS (60) seconds of the gateway's fuzz target
 #   4. promtool check/test rules    (alerts/*.yml, alerts/tests/*.yml, when present)
 #   5. the container deployment     (infra/compose-test.sh test: compose config, up, 250/250 through
@@ -27,7 +28,7 @@ CARGO_ARGS=()
 for a in "$@"; do
   case "$a" in
     --processes) FORCE_PROCESSES=1 ;;
-    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) CARGO_ARGS+=("$a") ;;
   esac
 done
@@ -82,6 +83,12 @@ log "cargo build --release --bins (for the soak)"
 cargo build --release --bins
 log "soak, CI form (colloquy-chaos soak --rate 1000 --duration-secs 25)"
 COLLOQUY_BIN_DIR="$REPO/target/release" target/release/colloquy-chaos soak --rate 1000 --duration-secs 25
+
+# An outsider's crash, short form: scripts/stack.sh (the durable default) killed with SIGKILL
+# all at once 8 s into 20 s of 300 msg/s, then `up` again with the same command; exit 1 unless
+# every acked message is answered exactly once (docs/chaos.md). About 1 minute.
+log "whole-stack crash (chaos/crash-stack.sh --secs 20 --kill-at 8)"
+chaos/crash-stack.sh --secs 20 --kill-at 8
 
 # The benchmark's short form on the durable default (tansu's postgres engine, 100 ms fetch
 # wait): prints the table of docs/performance.md (rates, an LLM-bound run, a burst, CPU per
