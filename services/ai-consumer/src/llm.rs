@@ -284,11 +284,15 @@ impl LlmClient {
         } else {
             match resp.json::<CreateChatCompletionResponse>().await {
                 Ok(r) => {
-                    let content = r
-                        .choices
-                        .first()
-                        .and_then(|c| c.message.content.clone())
-                        .unwrap_or_default();
+                    // A completion without a choice is not an empty answer: nothing was said.
+                    let Some(choice) = r.choices.first() else {
+                        return Attempt::Retry {
+                            reason: RetryReason::BadBody,
+                            retry_after: None,
+                            detail: "the completion has no choices".into(),
+                        };
+                    };
+                    let content = choice.message.content.clone().unwrap_or_default();
                     let usage = r.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
                     let (p, c) = usage.unwrap_or((0, 0));
                     deltas.text(&content);
@@ -368,6 +372,12 @@ async fn read_stream(resp: reqwest::Response, deltas: &mut dyn DeltaSink) -> Att
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut content = String::new();
     let mut usage = None;
+    // Chunks read, and `data:` lines that were neither a chunk nor an error: skipped one by one
+    // (a stray keep-alive or an extension must not cost the answer), but a stream of nothing else
+    // is a broken body, never an empty answer.
+    let mut chunks = 0_usize;
+    let mut unreadable = 0_usize;
+    let mut first_unreadable = String::new();
     loop {
         // Handle every complete line in the buffer.
         while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
@@ -384,6 +394,24 @@ async fn read_stream(resp: reqwest::Response, deltas: &mut dyn DeltaSink) -> Att
             };
             let data = data.trim_start();
             if data == "[DONE]" {
+                if chunks == 0 {
+                    return Attempt::Retry {
+                        reason: RetryReason::BadBody,
+                        retry_after: None,
+                        detail: format!(
+                            "the stream ended with no readable chunk ({unreadable} unreadable{}{first_unreadable})",
+                            if unreadable > 0 { ", the first: " } else { "" }
+                        ),
+                    };
+                }
+                if unreadable > 0 {
+                    tracing::warn!(
+                        chunks,
+                        unreadable,
+                        first_unreadable,
+                        "the model's stream held unreadable chunks; they were skipped"
+                    );
+                }
                 let (p, c) = usage.unwrap_or((0, 0));
                 record_tokens(p, c);
                 return Attempt::Done(Answer {
@@ -396,6 +424,7 @@ async fn read_stream(resp: reqwest::Response, deltas: &mut dyn DeltaSink) -> Att
             }
             match parse_chunk(data) {
                 Some((text, u)) => {
+                    chunks += 1;
                     if let Some(text) = text.filter(|t| !t.is_empty()) {
                         deltas.text(&text);
                         content.push_str(&text);
@@ -413,6 +442,10 @@ async fn read_stream(resp: reqwest::Response, deltas: &mut dyn DeltaSink) -> Att
                             retry_after: None,
                             detail: data.chars().take(200).collect(),
                         };
+                    }
+                    unreadable += 1;
+                    if unreadable == 1 {
+                        first_unreadable = data.chars().take(200).collect();
                     }
                 }
             }
@@ -588,6 +621,99 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A client for `server` with fast retries: 3 attempts, 1–2 ms apart.
+    fn client_for(server: &wiremock::MockServer, stream: bool) -> LlmClient {
+        let backoff = Backoff {
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(2),
+            max_attempts: 3,
+        };
+        let url = format!("{}/v1", server.uri());
+        LlmClient::new(
+            &url,
+            None,
+            "m".into(),
+            stream,
+            Duration::from_secs(5),
+            backoff,
+        )
+        .unwrap()
+    }
+
+    async fn answer_with(body: &str, content_type: &str, stream: bool) -> Result<Answer, LlmError> {
+        use wiremock::matchers::method;
+        let server = wiremock::MockServer::start().await;
+        wiremock::Mock::given(method("POST"))
+            .respond_with(
+                wiremock::ResponseTemplate::new(200)
+                    .insert_header("content-type", content_type)
+                    .set_body_string(body),
+            )
+            .mount(&server)
+            .await;
+        let turns = [Turn {
+            role: Role::User,
+            content: "hi".into(),
+        }];
+        client_for(&server, stream)
+            .complete(&turns, &mut NoDeltas)
+            .await
+    }
+
+    /// A hostile or broken model that answers 200 with nothing readable must not become an
+    /// empty answer shown as if the model had said it: each such attempt is retried and the
+    /// call fails as exhausted, with a detail that says what came.
+    #[tokio::test]
+    async fn a_200_with_nothing_readable_is_a_failed_attempt_not_an_empty_answer() {
+        let garbage = "data: {not json at all\n\ndata: \u{0}\u{1}\n\ndata: [DONE]\n\n";
+        match answer_with(garbage, "text/event-stream", true).await {
+            Err(LlmError::Exhausted { attempts, last }) => {
+                assert_eq!(attempts, 3);
+                assert!(last.contains("no readable chunk (2 unreadable"), "{last}");
+                assert!(last.contains("{not json at all"), "{last}");
+            }
+            other => panic!("a stream of garbage gave {other:?}"),
+        }
+        match answer_with("data: [DONE]\n\n", "text/event-stream", true).await {
+            Err(LlmError::Exhausted { last, .. }) => {
+                assert!(last.contains("no readable chunk"), "{last}")
+            }
+            other => panic!("a stream of nothing gave {other:?}"),
+        }
+        let no_choices =
+            r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[]}"#;
+        match answer_with(no_choices, "application/json", false).await {
+            Err(LlmError::Exhausted { last, .. }) => assert!(last.contains("no choices"), "{last}"),
+            other => panic!("a completion without choices gave {other:?}"),
+        }
+    }
+
+    /// Unreadable lines among readable chunks are skipped: the answer is what was readable.
+    #[tokio::test]
+    async fn unreadable_lines_among_chunks_are_skipped() {
+        let chunk = |t: &str| {
+            format!(
+                "data: {{\"id\":\"x\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{t}\"}},\"finish_reason\":null}}]}}\n\n"
+            )
+        };
+        let body = format!(
+            "{}data: ~keepalive~\n\n{}data: [DONE]\n\n",
+            chunk("hel"),
+            chunk("lo")
+        );
+        let answer = answer_with(&body, "text/event-stream", true).await.unwrap();
+        assert_eq!(answer.content, "hello");
+        // An answer that is legitimately empty (readable chunks, no text) stays an answer.
+        let body = format!("{}data: [DONE]\n\n", chunk(""));
+        assert_eq!(
+            answer_with(&body, "text/event-stream", true)
+                .await
+                .unwrap()
+                .content,
+            ""
+        );
     }
 
     #[test]
