@@ -69,7 +69,8 @@ pub fn find_chromium() -> Option<PathBuf> {
         .find_map(|name| which(Path::new(name)))
 }
 
-fn which(name: &Path) -> Option<PathBuf> {
+/// The executable `name` on `PATH`, if any.
+pub(crate) fn which(name: &Path) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))

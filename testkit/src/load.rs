@@ -922,17 +922,15 @@ pub async fn ramp(base: &LoadConfig, ramp: &RampConfig) -> RampReport {
 mod tests {
     use super::*;
 
+    /// The pongs that came back, and the server's socket, still open.
+    type PingingServer = tokio::task::JoinHandle<(
+        usize,
+        tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    )>;
+
     /// A WebSocket server for one client: it pings every 50 ms for `for_how_long`, then returns
     /// how many pongs came back, and the socket, still open.
-    async fn pinging_server(
-        for_how_long: Duration,
-    ) -> (
-        u16,
-        tokio::task::JoinHandle<(
-            usize,
-            tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
-        )>,
-    ) {
+    async fn pinging_server(for_how_long: Duration) -> (u16, PingingServer) {
         use futures::SinkExt as _;
         use tokio_tungstenite::tungstenite::Message;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -984,12 +982,21 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_user_done_early_answers_pings_until_every_user_is_done() {
-        let (port, server) = pinging_server(Duration::from_millis(600)).await;
-        let conn = WsClient::connect(&format!("ws://127.0.0.1:{port}"), "early", "t", None)
+    /// `user`'s socket to a [`pinging_server`] that pings it `for_how_long`.
+    async fn connected_to_pinging_server(
+        user: &str,
+        for_how_long: Duration,
+    ) -> (WsClient, PingingServer) {
+        let (port, server) = pinging_server(for_how_long).await;
+        let conn = WsClient::connect(&format!("ws://127.0.0.1:{port}"), user, "t", None)
             .await
             .expect("connect");
+        (conn, server)
+    }
+
+    #[tokio::test]
+    async fn a_user_done_early_answers_pings_until_every_user_is_done() {
+        let (conn, server) = connected_to_pinging_server("early", Duration::from_millis(600)).await;
         // Another user is still playing: this one's schedule (empty) is done at once.
         let sim = user(2, Instant::now() + Duration::from_secs(30));
         let (playing, all_done) = (Arc::clone(&sim.playing), sim.all_done.clone());
@@ -1015,10 +1022,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_last_user_to_finish_releases_everyone() {
-        let (port, server) = pinging_server(Duration::from_millis(100)).await;
-        let conn = WsClient::connect(&format!("ws://127.0.0.1:{port}"), "last", "t", None)
-            .await
-            .expect("connect");
+        let (conn, server) = connected_to_pinging_server("last", Duration::from_millis(100)).await;
         let sim = user(1, Instant::now() + Duration::from_secs(30));
         let all_done = sim.all_done.clone();
         let conn = tokio::time::timeout(Duration::from_secs(5), sim.run(Some(conn)))

@@ -668,7 +668,8 @@ mod tests {
 
         // A PostgreSQL that still runs on this data directory: refuse, and say so.
         let postgres = dir.path().join("postgres");
-        std::fs::copy(which("sleep"), &postgres).unwrap();
+        let sleep = crate::browser::which(Path::new("sleep")).expect("sleep on PATH");
+        std::fs::copy(sleep, &postgres).unwrap();
         let mut live = StdCommand::new(&postgres).arg("30").spawn().unwrap();
         write_lock(live.id());
         let refused = clear().wait_with_output().unwrap();
@@ -681,17 +682,6 @@ mod tests {
         );
         assert!(stderr.contains("still runs on"), "{stderr}");
         assert!(lock.exists(), "a live server's lock file was removed");
-    }
-
-    /// `name`'s path on `PATH`.
-    fn which(name: &str) -> PathBuf {
-        std::env::var_os("PATH")
-            .and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|dir| dir.join(name))
-                    .find(|p| p.is_file())
-            })
-            .unwrap_or_else(|| panic!("{name} is not on PATH"))
     }
 
     #[test]
